@@ -1,0 +1,72 @@
+"""Dense local training: FedAvg's ClientUpdate (McMahan et al., AISTATS 2017, Algorithm 1).
+
+``E`` epochs of minibatch SGD of size ``B`` over the client's own samples, starting from the
+received global weights. A plain function of (model, data, hyper-parameters, generator): it
+knows nothing of Flower, Ray or the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TrainHyper:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ClientData:
+    """One client's samples: an ImageSet and the indices this client holds."""
+
+    images: object  # fl.data ImageSet
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices if generator is None else self.indices[torch.randperm(len(self.indices), generator=generator).numpy()]
+        for start in range(0, len(order), batch_size):
+            yield self.images.get(order[start:start + batch_size])
+
+
+def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator: torch.Generator) -> dict[str, float]:
+    """Local SGD in place on ``model``; returns the mean training loss and accuracy."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
+                                weight_decay=hyper.weight_decay)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for _ in range(hyper.epochs):
+        for x, y in data.batches(hyper.batch_size, generator):
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ClientData, batch_size: int = 512) -> dict[str, float]:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for x, y in data.batches(batch_size, None):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+    n = max(len(data), 1)
+    return {"loss": loss_sum / n, "accuracy": correct / n}

@@ -1,0 +1,183 @@
+"""From the Hydra config to typed specs, with every check done before any work starts.
+
+This is where Hydra stops (STYLE rule 6): ``build(cfg, run_dir)`` validates the config and
+returns ``(ServerSpec, EngineSpec)``; nothing below it sees a ``DictConfig``. A bad value raises
+``ConfigError`` naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, Callable, Mapping
+
+from flwr.serverapp.strategy import Strategy
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+from clients.dense import TrainHyper
+from fl.errors import ConfigError
+from fl.hooks import PLUGINS
+from fl.payload import get_codec
+from fl.run import EngineSpec
+from fl.server import ServerSpec
+from fl.specs import ClientSpec, DataSpec, ModelSpec, PluginSpec, freeze
+from strategies import STRATEGIES, FederatedStrategy
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("inprocess", "ray")
+_DATA_KEYS = ("name", "root", "partition")
+
+
+def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec]:
+    c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    seed = _int(c, "seed", minimum=0)
+    num_clients = _int(c, "num_clients", minimum=1)
+    rounds = _int(c, "rounds", minimum=1)
+    fraction_fit = _fraction(c, "fraction_fit", allow_zero=False)
+    fraction_evaluate = _fraction(c, "fraction_evaluate", allow_zero=True)
+    min_fit = _int(c, "min_fit_clients", minimum=1)
+    min_eval = _int(c, "min_evaluate_clients", minimum=0)
+    per_round = max(int(num_clients * fraction_fit), min_fit)
+    if per_round > num_clients:
+        raise ConfigError("min_fit_clients", f"asks for {per_round} clients per round but num_clients is "
+                                             f"{num_clients}; lower min_fit_clients or raise num_clients")
+    if fraction_evaluate > 0 and max(int(num_clients * fraction_evaluate), min_eval) > num_clients:
+        raise ConfigError("min_evaluate_clients", f"exceeds num_clients={num_clients}")
+
+    data = _data_spec(c["data"], num_clients, seed)
+    model = _model_spec(c["model"])
+    plugins = tuple(_plugin_spec(name, pc) for name, pc in (c.get("plugins") or {}).items())
+    client = ClientSpec(data=data, model=model, seed=seed, plugins=plugins)
+
+    federation = data.federation()  # builds (and validates) the data once, before any round
+    model.build_for(federation)  # fails here, not in a worker, on a bad model option
+
+    codec = c.get("codec") or {}
+    down, up = str(codec.get("down", "dense_fp32")), str(codec.get("up", "dense_fp32"))
+    get_codec(down), get_codec(up)
+    make_strategy = _strategy_factory(c["strategy"], dict(
+        fraction_train=fraction_fit, fraction_evaluate=fraction_evaluate, min_train_nodes=min_fit,
+        min_evaluate_nodes=min_eval if fraction_evaluate > 0 else 0, min_available_nodes=num_clients,
+    ), dict(seed=seed, down_codec=down, up_codec=up))
+
+    t = c.get("train") or {}
+    hyper = TrainHyper(epochs=_int(t, "epochs", minimum=1, prefix="train."),
+                       batch_size=_int(t, "batch_size", minimum=1, prefix="train."),
+                       lr=_float(t, "lr", minimum=0.0, prefix="train."),
+                       momentum=_float(t, "momentum", minimum=0.0, prefix="train."),
+                       weight_decay=_float(t, "weight_decay", minimum=0.0, prefix="train."))
+    e = c.get("engine") or {}
+    engine_name = str(e.get("name", "inprocess"))
+    if engine_name not in ENGINES:
+        raise ConfigError("engine.name", f"unknown engine {engine_name!r}; allowed: {', '.join(ENGINES)}")
+    ray_cfg = c.get("ray") or {}
+    engine = EngineSpec(name=engine_name, workers=_int(e, "workers", minimum=1, prefix="engine."),
+                        torch_threads=_int(e, "torch_threads", minimum=1, prefix="engine."),
+                        ray_address=ray_cfg.get("address"),
+                        ray_cpus_per_client=float(ray_cfg.get("num_cpus_per_client", 1.0)),
+                        verbose=bool(c.get("verbose", False)))
+    server = ServerSpec(client=client, make_strategy=make_strategy, rounds=rounds, train=hyper, run_dir=run_dir,
+                        eval_every=_int(c, "eval_every", minimum=0), round_timeout=float(c.get("round_timeout", 3600)),
+                        tensorboard=bool(c.get("tensorboard", True)), progress=bool(c.get("progress", True)))
+    return server, engine
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+def _data_spec(d: Mapping[str, Any], num_clients: int, seed: int) -> DataSpec:
+    from fl.data import DATASETS
+
+    name = str(d.get("name"))
+    DATASETS.get(name)
+    options = {k: v for k, v in d.items() if k not in _DATA_KEYS}
+    return DataSpec(name=name, num_clients=num_clients, seed=seed, partition=freeze(d.get("partition") or {}),
+                    root=d.get("root"), options=freeze(options))
+
+
+def _model_spec(m: Mapping[str, Any]) -> ModelSpec:
+    from fl.models import MODELS
+
+    name = str(m.get("name"))
+    MODELS.get(name)
+    return ModelSpec(name=name, options=freeze({k: v for k, v in m.items() if k != "name"}))
+
+
+def _plugin_spec(name: str, pc: Mapping[str, Any] | None) -> PluginSpec:
+    pc = dict(pc or {})
+    target = pc.pop("_target_", None)
+    if target is None:
+        cls = PLUGINS.get(name)
+        target = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        get_object(target)
+    except Exception as exc:
+        raise ConfigError(f"plugins.{name}._target_", f"cannot import {target!r} ({exc})") from None
+    return PluginSpec(name=name, target=target, options=freeze(pc))
+
+
+def _strategy_factory(sc: Mapping[str, Any], flower_kwargs: dict[str, Any],
+                      our_kwargs: dict[str, Any]) -> Callable[[], Strategy]:
+    sc = dict(sc)
+    target = sc.pop("_target_", None)
+    name = sc.pop("name", None)
+    sc.pop("_partial_", None)
+    if target is not None:
+        try:
+            cls = get_object(target)
+        except Exception as exc:
+            raise ConfigError("strategy._target_", f"cannot import {target!r} ({exc}); give a module.Class "
+                                                   f"importable from the working directory or one of: "
+                                                   f"{', '.join(STRATEGIES.names())}") from None
+    elif name is not None:
+        cls = STRATEGIES.get(str(name))
+    else:
+        raise ConfigError("strategy", f"needs a _target_ or a name; registered: {', '.join(STRATEGIES.names())}")
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+        raise ConfigError("strategy._target_", f"{target} is not a flwr.serverapp.strategy.Strategy subclass")
+    kwargs = {**flower_kwargs, **sc}
+    if issubclass(cls, FederatedStrategy):
+        kwargs.update(our_kwargs)
+    else:
+        log.warning("%s is a plain Flower strategy: its client sampling is Flower's unseeded random.sample",
+                    cls.__name__)
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        for key in sc:
+            if key not in params:
+                raise ConfigError(f"strategy.{key}", f"{cls.__name__} takes no argument {key!r}; "
+                                                     f"it takes: {', '.join(p for p in params if p != 'self')}")
+    return functools.partial(cls, **kwargs)
+
+
+def _number(c: Mapping[str, Any], key: str, kind: type, prefix: str) -> Any:
+    if key not in c or c[key] is None:
+        raise ConfigError(prefix + key, "is required")
+    value = c[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise ConfigError(prefix + key, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
+def _int(c: Mapping[str, Any], key: str, *, minimum: int, prefix: str = "") -> int:
+    value = _number(c, key, int, prefix)
+    if value < minimum:
+        raise ConfigError(prefix + key, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(c: Mapping[str, Any], key: str, *, minimum: float, prefix: str = "") -> float:
+    value = _number(c, key, float, prefix)
+    if value < minimum:
+        raise ConfigError(prefix + key, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _fraction(c: Mapping[str, Any], key: str, *, allow_zero: bool) -> float:
+    value = _number(c, key, float, "")
+    if not (0.0 < value <= 1.0 or (allow_zero and value == 0.0)):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ConfigError(key, f"must be in {interval}, got {value}")
+    return value

@@ -1,0 +1,49 @@
+"""Which node holds which data partition, so that sampling can be seeded over partitions.
+
+Node ids are random on Flower's engines (and on a real SuperLink), so sampling node ids with a
+seeded generator would still pick different data on different engines. Strategies sample
+partition ids and map them to nodes through this directory. The in-process grid knows the
+mapping; on any other grid the server asks every node once with a ``query.partition`` message
+(the ClientApp answers with its ``partition-id`` node config). Nodes that report no partition
+(a device with only a local data folder) get ids after the reported ones, in node-id order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fl.keys import CONFIG, METRICS, PARTITION_ID, QUERY_PARTITION
+
+
+@dataclass(frozen=True)
+class NodeDirectory:
+    node_of_partition: dict[int, int]
+
+    @property
+    def partition_of_node(self) -> dict[int, int]:
+        return {node: partition for partition, node in self.node_of_partition.items()}
+
+    def __len__(self) -> int:
+        return len(self.node_of_partition)
+
+    @classmethod
+    def discover(cls, grid: Grid, timeout: float = 600.0) -> "NodeDirectory":
+        node_ids = sorted(grid.get_node_ids())
+        partition_of = getattr(grid, "partition_of", None)
+        if partition_of is not None:
+            return cls({partition_of(node): node for node in node_ids})
+        queries = [Message(RecordDict({CONFIG: ConfigRecord()}), node, QUERY_PARTITION) for node in node_ids]
+        reported: dict[int, int] = {}
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            if reply.has_content() and PARTITION_ID in reply.content[METRICS]:
+                reported[reply.metadata.src_node_id] = int(reply.content[METRICS][PARTITION_ID])
+        mapping = {partition: node for node, partition in reported.items()}
+        next_id = max(mapping, default=-1) + 1
+        for node in node_ids:
+            if node not in reported:
+                mapping[next_id] = node
+                next_id += 1
+        return cls(mapping)

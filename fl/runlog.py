@@ -1,0 +1,99 @@
+"""The run logger: the one home for what a run writes (TensorBoard events and ``metrics.jsonl``).
+
+Per evaluated round it writes one JSON line (keys documented in the README) and these
+TensorBoard series:
+    eval/accuracy, eval/loss                          step = round
+    comm/up_bytes, comm/down_bytes, comm/cum_up_bytes, comm/cum_down_bytes   step = round
+    comm/up_bytes_per_client (histogram)              step = round
+    acc_vs_kib/total, acc_vs_kib/up                   step = cumulative KiB (total, upload only)
+so that accuracy curves of different strategies overlay on one chart by communication cost.
+Plugins' reports land under ``plugin/<name>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from fl.hooks import Report
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir))
+
+    def log_round(self, row: Mapping[str, Any], per_client_up: np.ndarray | None = None) -> None:
+        self._metrics.write(json.dumps(_jsonable(row)) + "\n")
+        self._metrics.flush()
+        if self._tb is None:
+            return
+        step = int(row["round"])
+        for key in ("accuracy", "loss"):
+            if row.get(key) is not None:
+                self._tb.add_scalar(f"eval/{key}", row[key], step)
+        for key in ("up_bytes", "down_bytes", "cum_up_bytes", "cum_down_bytes"):
+            self._tb.add_scalar(f"comm/{key}", row[key], step)
+        if per_client_up is not None and len(per_client_up):
+            self._tb.add_histogram("comm/up_bytes_per_client", per_client_up, step)
+        if row.get("accuracy") is not None:
+            total_kib = (row["cum_up_bytes"] + row["cum_down_bytes"]) / 1024
+            self._tb.add_scalar("acc_vs_kib/total", row["accuracy"], int(total_kib))
+            self._tb.add_scalar("acc_vs_kib/up", row["accuracy"], int(row["cum_up_bytes"] / 1024))
+        for key, value in row.items():
+            if key.startswith(("train/", "fed_eval/")) and isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+
+    def log_report(self, plugin: str, report: Report | None, step: int) -> dict[str, float]:
+        """Write a plugin's report; returns its scalars under their logged names."""
+        if report is None:
+            return {}
+        scalars = {f"plugin/{plugin}/{k}": float(v) for k, v in report.scalars.items()}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+            for key, values in report.histograms.items():
+                self._tb.add_histogram(f"plugin/{plugin}/{key}", np.asarray(values), step)
+            for key, image in report.images.items():
+                self._tb.add_image(f"plugin/{plugin}/{key}", np.asarray(image), step, dataformats="HWC")
+            for key, text in report.text.items():
+                self._tb.add_text(f"plugin/{plugin}/{key}", text, step)
+            self._tb.flush()
+        return scalars
+
+    def close(self) -> None:
+        self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, (np.integer,)):
+            value = int(value)
+        elif isinstance(value, (np.floating, float)):
+            value = float(value)
+            if not math.isfinite(value):
+                value = None
+        out[key] = value
+    return out

@@ -1,0 +1,197 @@
+"""The ServerApp: builds the strategy and drives Flower's ``Strategy.start`` round loop.
+
+``Strategy.start`` owns the loop (STYLE rule 2). This module fills the two places Flower leaves
+open: the Grid (wrapped in ``MeteredGrid`` to count bytes) and ``evaluate_fn``, which Flower
+calls before round 1 and after every round. ``RoundReporter`` is that callback: it evaluates the
+global model centrally, closes the round's traffic, calls the plugins' server hooks and writes
+the round's row through the run logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from tqdm import tqdm
+
+from clients.dense import ClientData, TrainHyper, evaluate
+from fl.engine.metered import MeteredGrid
+from fl.hooks import Plugin, RunView
+from fl.keys import BATCH_SIZE, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
+from fl.runlog import RunLogger
+from fl.specs import ClientSpec
+
+
+@dataclass
+class ServerSpec:
+    """Everything the ServerApp needs, typed (built from the Hydra config by ``fl.config``)."""
+
+    client: ClientSpec
+    make_strategy: Callable[[], Strategy]
+    rounds: int
+    train: TrainHyper
+    run_dir: str
+    eval_every: int = 1
+    round_timeout: float = 3600.0
+    eval_threads: int = 0  # torch threads for central evaluation; 0 = all cores
+    tensorboard: bool = True
+    progress: bool = True
+    extra_train_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunOutcome:
+    final_arrays: ArrayRecord | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def train_config(hyper: TrainHyper, extra: dict[str, Any]) -> ConfigRecord:
+    return ConfigRecord({LR: hyper.lr, EPOCHS: hyper.epochs, BATCH_SIZE: hyper.batch_size,
+                         MOMENTUM: hyper.momentum, WEIGHT_DECAY: hyper.weight_decay, **extra})
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class RoundReporter:
+    """Flower's ``evaluate_fn``: called with round 0 before training and after every round."""
+
+    def __init__(self, spec: ServerSpec, grid: MeteredGrid, logger: RunLogger, plugins: list[Plugin], view: RunView):
+        self.spec, self.grid, self.logger, self.plugins, self.view = spec, grid, logger, plugins, view
+        federation = spec.client.data.federation()
+        self.test_data = ClientData(federation.test, np.arange(len(federation.test)))
+        self.model = view.build_model()
+        self.cum_up = 0
+        self.cum_down = 0
+        self.started = time.time()
+        self.train_metrics: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.bar = tqdm(total=spec.rounds, desc="rounds", unit="round", disable=not spec.progress, dynamic_ncols=True)
+
+    def record_train(self, aggregate):
+        def wrapped(server_round, replies):
+            arrays, metrics = aggregate(server_round, replies)
+            self.train_metrics = dict(metrics or {})
+            return arrays, metrics
+        return wrapped
+
+    def record_evaluate(self, aggregate):
+        def wrapped(server_round, replies):
+            metrics = aggregate(server_round, replies)
+            self.eval_metrics = dict(metrics or {})
+            return metrics
+        return wrapped
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        plugin_scalars: dict[str, float] = {}
+        if server_round > 0:
+            for plugin in self.plugins:
+                plugin_scalars.update(self.logger.log_report(plugin.name, plugin.after_aggregate(self.view, server_round, arrays), server_round))
+        traffic = self.grid.close_round()
+        if server_round > 0:  # round 0's traffic (node discovery, if any) is counted into round 1
+            self.cum_up += traffic.up_bytes
+            self.cum_down += traffic.down_bytes
+        evaluated = server_round == 0 or server_round == self.spec.rounds or (
+            self.spec.eval_every > 0 and server_round % self.spec.eval_every == 0)
+        accuracy = loss = None
+        if evaluated:
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            with torch_threads(self.spec.eval_threads):
+                result = evaluate(self.model, self.test_data)
+            accuracy, loss = result["accuracy"], result["loss"]
+        row: dict[str, Any] = {
+            "round": server_round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "up_bytes": traffic.up_bytes if server_round > 0 else 0,
+            "down_bytes": traffic.down_bytes if server_round > 0 else 0,
+            "cum_up_bytes": self.cum_up,
+            "cum_down_bytes": self.cum_down,
+            "clients": traffic.clients,
+            "failures": traffic.failures,
+            "wall_s": round(time.time() - self.started, 4),
+        }
+        row.update({f"train/{k}": v for k, v in self.train_metrics.items()})
+        row.update({f"fed_eval/{k}": v for k, v in self.eval_metrics.items()})
+        self.train_metrics, self.eval_metrics = {}, {}
+        for plugin in self.plugins:
+            plugin_scalars.update(self.logger.log_report(plugin.name, plugin.after_round(self.view, server_round, row), server_round))
+        row.update(plugin_scalars)
+        self.logger.log_round(row, traffic.per_client_up if server_round > 0 else None)
+        self.rows.append(row)
+        if server_round > 0:
+            self.bar.update(1)
+            postfix = {"up_MiB": f"{self.cum_up / 2**20:.1f}"}
+            if accuracy is not None:
+                postfix["acc"] = f"{accuracy:.3f}"
+            self.bar.set_postfix(postfix)
+        if server_round < self.spec.rounds:
+            for plugin in self.plugins:
+                self.logger.log_report(plugin.name, plugin.before_round(self.view, server_round + 1), server_round + 1)
+        return MetricRecord({"accuracy": accuracy, "loss": loss}) if evaluated else None
+
+
+def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin]) -> RunOutcome:
+    """Everything a ServerApp main does; returns the final global model and the logged rows."""
+    torch.manual_seed(spec.client.seed)
+    federation = spec.client.data.federation()
+    build_model = lambda: spec.client.model.build_for(federation)  # noqa: E731
+
+    def load_global(arrays: ArrayRecord) -> torch.nn.Module:
+        model = build_model()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return model
+
+    initial = ArrayRecord(build_model().state_dict())  # seeded: every strategy starts here
+    metered = MeteredGrid(grid)
+    logger = RunLogger(spec.run_dir, tensorboard=spec.tensorboard)
+    view = RunView(run_dir=spec.run_dir, federation=federation, build_model=build_model,
+                   load_global=load_global, num_rounds=spec.rounds, initial_arrays=initial)
+    strategy = spec.make_strategy()
+    reporter = RoundReporter(spec, metered, logger, plugins, view)
+    strategy.aggregate_train = reporter.record_train(strategy.aggregate_train)
+    strategy.aggregate_evaluate = reporter.record_evaluate(strategy.aggregate_evaluate)
+    try:
+        for plugin in plugins:
+            logger.log_report(plugin.name, plugin.on_run_start(view), 0)
+        result = strategy.start(grid=metered, initial_arrays=initial, num_rounds=spec.rounds,
+                                timeout=spec.round_timeout, train_config=train_config(spec.train, spec.extra_train_config),
+                                evaluate_fn=reporter)
+        for plugin in plugins:
+            logger.log_report(plugin.name, plugin.on_run_end(view), spec.rounds)
+    finally:
+        reporter.bar.close()
+        logger.close()
+    return RunOutcome(final_arrays=result.arrays if len(result.arrays) else initial, rows=reporter.rows)
+
+
+def build_server_app(spec: ServerSpec, plugins: list[Plugin], outcome: RunOutcome) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            done = run_server(grid, spec, plugins)
+            outcome.final_arrays, outcome.rows = done.final_arrays, done.rows
+        except BaseException as exc:  # surfaced by fl.run after the engine returns
+            outcome.error = exc
+            raise
+
+    return app
