@@ -10,6 +10,7 @@ mapping; on any other grid the server asks every node once with a ``query.partit
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -30,8 +31,13 @@ class NodeDirectory:
         return len(self.node_of_partition)
 
     @classmethod
-    def discover(cls, grid: Grid, timeout: float = 600.0) -> "NodeDirectory":
-        node_ids = sorted(grid.get_node_ids())
+    def discover(cls, grid: Grid, min_nodes: int = 1, timeout: float = 600.0) -> "NodeDirectory":
+        """Wait until ``min_nodes`` nodes are connected (as Flower's ``sample_nodes`` does), then map them."""
+        deadline = time.time() + timeout
+        while len(node_ids := sorted(grid.get_node_ids())) < min_nodes:
+            if time.time() > deadline:
+                raise TimeoutError(f"only {len(node_ids)} of {min_nodes} nodes connected within {timeout:.0f} s")
+            time.sleep(0.1)
         partition_of = getattr(grid, "partition_of", None)
         if partition_of is not None:
             return cls({partition_of(node): node for node in node_ids})

@@ -27,10 +27,11 @@ CONFIG_FILE = "config.yaml"
 @hydra.main(version_base="1.3", config_path="pkg://sim_configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
-    if not cfg.get("verbose", False):
-        logging.getLogger("flwr").setLevel(logging.WARNING)
     from fl.config import build  # heavy imports after Hydra has parsed the command line
     from fl.run import execute
+
+    if not cfg.get("verbose", False):  # after the imports: importing flwr resets its logger's level
+        logging.getLogger("flwr").setLevel(logging.WARNING)
 
     try:
         server, engine = build(cfg, run_dir)

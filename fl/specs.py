@@ -81,7 +81,9 @@ class PluginSpec:
     def build(self):
         from hydra.utils import get_object
 
-        return get_object(self.target)(**thaw(self.options))
+        plugin = get_object(self.target)(**thaw(self.options))
+        plugin.name = self.name  # the config key names it in logs: plugin/<name>/...
+        return plugin
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class FederatedStrategy(FlowerFedAvg):
     def directory(self, grid: Grid) -> NodeDirectory:
         nodes = set(grid.get_node_ids())
         if self._directory is None or set(self._directory.node_of_partition.values()) != nodes:
-            self._directory = NodeDirectory.discover(grid)
+            self._directory = NodeDirectory.discover(grid, min_nodes=self.min_available_nodes)
         return self._directory
 
     def sample(self, grid: Grid, server_round: int, purpose: str, fraction: float, minimum: int) -> list[int]:

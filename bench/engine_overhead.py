@@ -1,0 +1,113 @@
+"""Engine overhead: plain PyTorch loop vs the ``inprocess`` engine vs Flower's ``ray`` engine.
+
+One invocation runs all three on the same workload (synthetic data, 50 samples per client,
+``cnn_small`` = 545k parameters, 1 local epoch, batch 32) for each federation size, each in a
+fresh process, and prints per-round time and peak memory as ratios to the plain loop measured
+in the same invocation (this machine is shared and noisy: compare ratios, not seconds).
+
+    python bench/engine_overhead.py                  # N = 10, 100, 1000 (about 6 minutes)
+    python bench/engine_overhead.py --sizes 1000 --rounds 4 --skip-ray
+
+Per-round time: median over rounds 2..R-1 (round 1 warms caches; the last round evaluates).
+Memory: peak PSS of the whole process tree (Ray's raylet, GCS and workers included), sampled
+every 0.25 s. First train: seconds from process launch to the first client's local training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {10: 1.0, 100: 0.8, 1000: 0.1}  # the issue's workloads: N=10 all, N=100 80%, N=1000 100/round
+
+
+def tree_pss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Run ``cmd``; return its launch time and the peak PSS of its process tree."""
+    launched = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_pss(ps))
+            done.wait(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
+    return launched, peak[0]
+
+
+def plain(n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str]) -> dict:
+    out = tmp / f"plain_{n}.json"
+    _, peak = run_measured([sys.executable, "bench/plain_loop.py", "--num-clients", str(n), "--fraction",
+                            str(fraction), "--rounds", str(rounds), "--out", str(out)], env)
+    result = json.loads(out.read_text())
+    return {"round_s": statistics.median(result["round_seconds"][1:-1] or result["round_seconds"]),
+            "peak_pss": peak, "first_train_s": result["first_train_s"]}
+
+
+def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str]) -> dict:
+    run_dir = tmp / f"{name}_{n}"
+    _, peak = run_measured([sys.executable, "-m", "fl.simulate", f"engine={name}", f"num_clients={n}",
+                            f"fraction_fit={fraction}", f"rounds={rounds}", "eval_every=0", "progress=false",
+                            f"hydra.run.dir={run_dir}"], env)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    walls = [r["wall_s"] for r in rows]
+    per_round = [b - a for a, b in zip(walls, walls[1:])]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"round_s": statistics.median(per_round[1:-1] or per_round), "peak_pss": peak,
+            "first_train_s": summary.get("first_train_s")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip-ray", action="store_true")
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    print(f"{'N':>5} {'engine':>10} {'s/round':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} {'first train s':>14}")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for n in args.sizes:
+            fraction = SIZES[n]
+            base = plain(n, fraction, args.rounds, tmp, env)
+            results = {"plain": base, "inprocess": engine("inprocess", n, fraction, args.rounds, tmp, env)}
+            if not args.skip_ray:
+                results["ray"] = engine("ray", n, fraction, args.rounds, tmp, env)
+            for name, r in results.items():
+                first = "-" if r["first_train_s"] is None else f"{r['first_train_s']:.2f}"
+                print(f"{n:>5} {name:>10} {r['round_s']:>8.3f} {r['round_s'] / base['round_s']:>8.2f} "
+                      f"{r['peak_pss'] / 2**20:>9.0f} {r['peak_pss'] / base['peak_pss']:>8.2f} {first:>14}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Compose the shipped config with overrides and run it, in-process (fast) or as the CLI does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["num_clients=6", "fraction_fit=0.5", "rounds=2", "data.samples_per_client=16", "data.test_size=64",
+         "progress=false", "tensorboard=false"]
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_module(config_module="sim_configs", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_inprocess(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
+    from fl.config import build
+    from fl.run import execute
+
+    cfg = compose_config(SMALL + overrides)
+    server, engine = build(cfg, str(tmp_path))
+    return execute(server, engine), tmp_path
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "fl.simulate", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
