@@ -75,6 +75,7 @@ def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None =
         "best_accuracy": max(r["accuracy"] for r in evaluated),
         "cum_up_bytes": last["cum_up_bytes"],
         "cum_down_bytes": last["cum_down_bytes"],
+        "control_bytes": outcome.control_bytes,
         "wall_s": round(time.time() - started, 3),
         "engine": engine.name,
         "first_train_unix": first_train,

@@ -51,6 +51,7 @@ class ServerSpec:
 class RunOutcome:
     final_arrays: ArrayRecord | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    control_bytes: int = 0  # one-time node discovery queries (see fl.engine.metered)
     error: BaseException | None = None
 
 
@@ -105,7 +106,7 @@ class RoundReporter:
             for plugin in self.plugins:
                 plugin_scalars.update(self.logger.log_report(plugin.name, plugin.after_aggregate(self.view, server_round, arrays), server_round))
         traffic = self.grid.close_round()
-        if server_round > 0:  # round 0's traffic (node discovery, if any) is counted into round 1
+        if server_round > 0:
             self.cum_up += traffic.up_bytes
             self.cum_down += traffic.down_bytes
         evaluated = server_round == 0 or server_round == self.spec.rounds or (
@@ -179,7 +180,8 @@ def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin]) -> RunOutcom
     finally:
         reporter.bar.close()
         logger.close()
-    return RunOutcome(final_arrays=result.arrays if len(result.arrays) else initial, rows=reporter.rows)
+    return RunOutcome(final_arrays=result.arrays if len(result.arrays) else initial, rows=reporter.rows,
+                      control_bytes=metered.control_bytes)
 
 
 def build_server_app(spec: ServerSpec, plugins: list[Plugin], outcome: RunOutcome) -> ServerApp:
@@ -189,7 +191,7 @@ def build_server_app(spec: ServerSpec, plugins: list[Plugin], outcome: RunOutcom
     def main(grid: Grid, context: Context) -> None:
         try:
             done = run_server(grid, spec, plugins)
-            outcome.final_arrays, outcome.rows = done.final_arrays, done.rows
+            outcome.final_arrays, outcome.rows, outcome.control_bytes = done.final_arrays, done.rows, done.control_bytes
         except BaseException as exc:  # surfaced by fl.run after the engine returns
             outcome.error = exc
             raise

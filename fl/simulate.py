@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     from fl.run import execute
 
     if not cfg.get("verbose", False):  # after the imports: importing flwr resets its logger's level
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)
 
     try:
         server, engine = build(cfg, run_dir)
@@ -40,6 +40,7 @@ def main(cfg: DictConfig) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         sys.exit(2)
     Path(run_dir, CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    print(start_lines(server), flush=True)
     try:
         summary = execute(server, engine, launched_at=LAUNCHED_AT)
     except BaseException as exc:
@@ -50,6 +51,15 @@ def main(cfg: DictConfig) -> None:
           f"{summary['rounds']} rounds, engine {engine.name}: accuracy {summary['final_accuracy']:.4f} "
           f"(best {summary['best_accuracy']:.4f}), up {summary['cum_up_bytes'] / 2**20:.2f} MiB, "
           f"down {summary['cum_down_bytes'] / 2**20:.2f} MiB, {summary['wall_s']:.1f} s -> {run_dir}")
+
+
+def start_lines(server) -> str:
+    """Printed at start: the model's parameter and MAC counts (the data line is logged by fl.data)."""
+    from fl.models import describe
+
+    model = server.client.model
+    federation = server.client.data.federation()  # built (and its partition logged) by fl.config
+    return f"model: {describe(model.name, model.build_for(federation), in_channels=federation.channels, image_size=federation.image_size)}"
 
 
 if __name__ == "__main__":

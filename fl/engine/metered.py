@@ -3,6 +3,10 @@
 Wrapping the Grid (rather than instrumenting strategies) means every strategy, a user's plain
 Flower strategy included, is metered the same way, with ``fl.payload.payload_bytes`` as the one
 measure. Traffic accumulates per node until the run's round reporter closes the round.
+
+``query.*`` messages (the one-time partition discovery of ``fl.directory``, which the in-process
+engine does not need) are control traffic: counted in ``control_bytes``, not in a round's
+up/down bytes, so that both engines report the same model traffic.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class MeteredGrid(Grid):
         self._down: dict[int, int] = defaultdict(int)
         self._train_up: dict[int, int] = {}
         self._failures = 0
+        self.control_bytes = 0
 
     def close_round(self) -> RoundTraffic:
         traffic = RoundTraffic(
@@ -59,7 +64,10 @@ class MeteredGrid(Grid):
             content = message.content
             if id(content) not in sizes:
                 sizes[id(content)] = payload_bytes(content)
-            self._down[message.metadata.dst_node_id] += sizes[id(content)]
+            if _is_control(message):
+                self.control_bytes += sizes[id(content)]
+            else:
+                self._down[message.metadata.dst_node_id] += sizes[id(content)]
         return messages
 
     def _count_in(self, replies: Iterable[Message], sent: int | None = None) -> list[Message]:
@@ -69,6 +77,9 @@ class MeteredGrid(Grid):
                 self._failures += 1
                 continue
             size = payload_bytes(reply.content)
+            if _is_control(reply):
+                self.control_bytes += size
+                continue
             node = reply.metadata.src_node_id
             self._up[node] += size
             if reply.metadata.message_type.startswith("train"):
@@ -107,3 +118,7 @@ class MeteredGrid(Grid):
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+def _is_control(message: Message) -> bool:
+    return message.metadata.message_type.startswith("query")

@@ -12,7 +12,6 @@ behaves as torchvision's network does.
 
 from __future__ import annotations
 
-import torchvision
 from torch import Tensor, nn
 
 from fl.errors import ConfigError
@@ -38,6 +37,8 @@ class MobileNetV2Cifar(ZooModel):
 
     def __init__(self, *, num_classes: int, in_channels: int = 3, width_mult: float = WIDTH, dropout: float = 0.2):
         super().__init__()
+        import torchvision  # imported on first build: it costs ~1 s at start-up
+
         network = torchvision.models.mobilenet_v2(
             weights=None,
             width_mult=width_mult,

@@ -16,7 +16,6 @@ its last Linear is its last operation.
 
 from __future__ import annotations
 
-import torchvision
 from torch import Tensor, nn
 
 from fl.models._api import ZooModel, register_model
@@ -78,6 +77,8 @@ def register_torchvision(tv_name: str) -> None:
     """Register ``torchvision.models.get_model(tv_name)`` as the zoo model ``tv_<tv_name>``."""
 
     def builder(*, num_classes: int, in_channels: int = 3, image_size: int = 32) -> TorchvisionClassifier:
+        import torchvision  # imported on first build: it costs ~1 s at start-up
+
         network = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
         return TorchvisionClassifier(network, in_channels=in_channels)
 
