@@ -10,8 +10,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["num_clients=6", "fraction_fit=0.5", "rounds=2", "data.samples_per_client=16", "data.test_size=64",
-         "progress=false", "tensorboard=false"]
+SMALL = ["num_clients=6", "fraction_fit=0.5", "rounds=2", "progress=false", "tensorboard=false"]
+SMALL_SYNTHETIC = ["data.samples_per_client=16", "data.test_size=64"]
 
 
 def compose_config(overrides: list[str]):
@@ -23,7 +23,8 @@ def run_inprocess(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
     from fl.config import build
     from fl.run import execute
 
-    cfg = compose_config(SMALL + overrides)
+    other_data = any(o.startswith("data=") for o in overrides)
+    cfg = compose_config(SMALL + ([] if other_data else SMALL_SYNTHETIC) + overrides)
     server, engine = build(cfg, str(tmp_path))
     return execute(server, engine), tmp_path
 

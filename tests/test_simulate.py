@@ -143,3 +143,27 @@ def test_unknown_strategy_group_option_fails(tmp_path):
     result = run_cli(["strategy=nosuch", f"hydra.run.dir={tmp_path / 'run'}"])
     assert result.returncode != 0
     assert "nosuch" in result.stderr and "fedavg" in result.stderr
+
+
+def test_absent_dataset_files_one_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(["data=cifar10", f"data.root={tmp_path / 'nothing'}", "data.download=false", "num_clients=10",
+                      f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: data.root:") and "cifar-10-batches-py" in lines[0]
+    assert not run_dir.exists()
+
+
+def test_mnist_from_official_test_files(tmp_path):
+    """`data=mnist data.root=../shared/data` works offline from the 10,000 official test images."""
+    from tests.helpers import ROOT
+
+    root = ROOT.parent / "shared" / "data"
+    if not (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"the official MNIST test files are expected under {root}")
+    summary, run_dir = run_inprocess(tmp_path, ["data=mnist", f"data.root={root}", "num_clients=20",
+                                                "fraction_fit=0.8", "rounds=2"])
+    assert summary["status"] == "complete"
+    rows = read_metrics(run_dir)
+    assert rows[-1]["accuracy"] > 0.2  # 10 classes: well above chance after two rounds on real digits

@@ -1,0 +1,72 @@
+"""Client trainers: plain functions ``(arrays, config, env) -> (arrays, metrics)`` chosen by name.
+
+The server names the trainer in each train message (``config["trainer"]``, default ``dense``), so
+one ClientApp serves every strategy. A trainer knows nothing of Flower's transport, Ray or the
+engine: ``ClientEnv`` hands it the client's data, its persistent state, a seeded generator, a
+resident model and the plugin hooks.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from clients.dense import ClientData, TrainHyper
+from clients.resident import borrowed_model
+from fl.hooks import ClientView, Plugin
+from fl.keys import BATCH_SIZE, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
+from fl.registry import Registry
+from fl.specs import ClientSpec
+
+TRAINER = "trainer"  # config key naming the trainer
+
+Trainer = Callable[[ArrayRecord, ConfigRecord, "ClientEnv"], tuple[ArrayRecord, dict[str, float]]]
+TRAINERS: Registry[Trainer] = Registry("client trainer", "strategy.trainer")
+
+
+def register_trainer(name: str) -> Callable[[Trainer], Trainer]:
+    return TRAINERS.register(name)
+
+
+@dataclass
+class ClientEnv:
+    spec: ClientSpec
+    federation: Any
+    data: ClientData
+    partition_id: int
+    server_round: int
+    state: RecordDict  # the node's Flower Context.state: persists across rounds on this node
+    generator: torch.Generator
+    plugins: list[Plugin] = field(default_factory=list)
+
+    @property
+    def view(self) -> ClientView:
+        return ClientView(partition_id=self.partition_id, server_round=self.server_round, state=self.state)
+
+    @contextmanager
+    def model(self) -> Iterator[nn.Module]:
+        """A resident instance of the run's model (weights are whatever the last user left)."""
+        with borrowed_model(self.spec.model, lambda: self.spec.model.build_for(self.federation)) as model:
+            yield model
+
+    def before_train(self, model: nn.Module, config: ConfigRecord) -> None:
+        for plugin in self.plugins:
+            plugin.before_train(self.view, model, config)
+
+    def after_train(self, model: nn.Module, metrics: dict[str, float]) -> dict[str, float]:
+        extra: dict[str, float] = {}
+        for plugin in self.plugins:
+            extra.update({f"plugin/{plugin.name}/{k}": v for k, v in (plugin.after_train(self.view, model, metrics) or {}).items()})
+        return extra
+
+
+def hyper_from(config: ConfigRecord) -> TrainHyper:
+    d = TrainHyper()
+    return TrainHyper(epochs=int(config.get(EPOCHS, d.epochs)), batch_size=int(config.get(BATCH_SIZE, d.batch_size)),
+                      lr=float(config.get(LR, d.lr)), momentum=float(config.get(MOMENTUM, d.momentum)),
+                      weight_decay=float(config.get(WEIGHT_DECAY, d.weight_decay)))
