@@ -81,7 +81,8 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec]:
                         verbose=bool(c.get("verbose", False)))
     server = ServerSpec(client=client, make_strategy=make_strategy, rounds=rounds, train=hyper, run_dir=run_dir,
                         eval_every=_int(c, "eval_every", minimum=0), round_timeout=float(c.get("round_timeout", 3600)),
-                        tensorboard=bool(c.get("tensorboard", True)), progress=bool(c.get("progress", True)))
+                        tensorboard=bool(c.get("tensorboard", True)), progress=bool(c.get("progress", True)),
+                        checkpoint_every=_int(c, "checkpoint_every", minimum=0))
     return server, engine
 
 

@@ -19,6 +19,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from clients.app import build_client_app, first_train_time
+from fl.checkpoint import Checkpoint
 from fl.engine.inprocess import InProcessGrid
 from fl.server import RunOutcome, ServerSpec, build_server_app
 
@@ -36,11 +37,13 @@ class EngineSpec:
     verbose: bool = False
 
 
-def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None = None) -> dict[str, Any]:
-    """Run the federation; returns the summary also written to ``summary.json``."""
+def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None = None,
+            resume: Checkpoint | None = None) -> dict[str, Any]:
+    """Run the federation (from ``resume``'s round on, if given); returns the summary also
+    written to ``summary.json``."""
     plugins = [p.build() for p in spec.client.plugins]
     outcome = RunOutcome()
-    server_app = build_server_app(spec, plugins, outcome)
+    server_app = build_server_app(spec, plugins, outcome, resume)
     client_app = build_client_app(spec.client)
     num_nodes = spec.client.data.num_clients
     started = time.time()

@@ -26,7 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class RunLogger:
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, purge_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
@@ -34,7 +34,8 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir))
+            # purge_step: a resumed run drops the killed run's events from that round on
+            self._tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
 
     def log_round(self, row: Mapping[str, Any], per_client_up: np.ndarray | None = None) -> None:
         self._metrics.write(json.dumps(_jsonable(row)) + "\n")
@@ -79,6 +80,18 @@ class RunLogger:
         self._metrics.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_metrics(run_dir: str | os.PathLike, last_round: int) -> None:
+    """Keep the rows up to ``last_round`` (a resumed run writes the later rounds again), atomically."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["round"] <= last_round]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -23,10 +23,11 @@ from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
 from clients.dense import ClientData, TrainHyper, evaluate
+from fl.checkpoint import Checkpoint, save_checkpoint
 from fl.engine.metered import MeteredGrid
 from fl.hooks import Plugin, RunView
 from fl.keys import BATCH_SIZE, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
-from fl.runlog import RunLogger
+from fl.runlog import RunLogger, truncate_metrics
 from fl.specs import ClientSpec
 
 
@@ -42,6 +43,7 @@ class ServerSpec:
     eval_every: int = 1
     round_timeout: float = 3600.0
     eval_threads: int = 0  # torch threads for central evaluation; 0 = all cores
+    checkpoint_every: int = 0  # write checkpoint.pt every k rounds (and after the last); 0 = never
     tensorboard: bool = True
     progress: bool = True
     extra_train_config: dict[str, Any] = field(default_factory=dict)
@@ -73,8 +75,10 @@ def torch_threads(n: int) -> Iterator[None]:
 class RoundReporter:
     """Flower's ``evaluate_fn``: called with round 0 before training and after every round."""
 
-    def __init__(self, spec: ServerSpec, grid: MeteredGrid, logger: RunLogger, plugins: list[Plugin], view: RunView):
+    def __init__(self, spec: ServerSpec, grid: MeteredGrid, logger: RunLogger, plugins: list[Plugin], view: RunView,
+                 checkpoint: Callable[[int, ArrayRecord], None] | None = None, resumed: dict[str, Any] | None = None):
         self.spec, self.grid, self.logger, self.plugins, self.view = spec, grid, logger, plugins, view
+        self.checkpoint = checkpoint
         federation = spec.client.data.federation()
         self.test_data = ClientData(federation.test, np.arange(len(federation.test)))
         self.model = view.build_model()
@@ -84,7 +88,17 @@ class RoundReporter:
         self.train_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
         self.rows: list[dict[str, Any]] = []
-        self.bar = tqdm(total=spec.rounds, desc="rounds", unit="round", disable=not spec.progress, dynamic_ncols=True)
+        self.offset = 0  # rounds already done before this process (a resumed run)
+        if resumed is not None:
+            self.cum_up, self.cum_down, self.rows = resumed["cum_up"], resumed["cum_down"], list(resumed["rows"])
+            self.offset = int(resumed["round"])
+            self.started -= float(resumed["wall_s"])
+        self.bar = tqdm(total=spec.rounds, initial=self.offset, desc="rounds", unit="round", disable=not spec.progress,
+                        dynamic_ncols=True)
+
+    def state(self, server_round: int) -> dict[str, Any]:
+        return {"round": server_round, "cum_up": self.cum_up, "cum_down": self.cum_down, "rows": self.rows,
+                "wall_s": time.time() - self.started}
 
     def record_train(self, aggregate):
         def wrapped(server_round, replies):
@@ -100,7 +114,12 @@ class RoundReporter:
             return metrics
         return wrapped
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def __call__(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = flower_round + self.offset
+        if flower_round == 0 and self.offset > 0:  # the resumed model: its round is logged already
+            self.grid.close_round()
+            self._before_round(server_round + 1)
+            return None
         plugin_scalars: dict[str, float] = {}
         if server_round > 0:
             for plugin in self.plugins:
@@ -143,13 +162,20 @@ class RoundReporter:
             if accuracy is not None:
                 postfix["acc"] = f"{accuracy:.3f}"
             self.bar.set_postfix(postfix)
-        if server_round < self.spec.rounds:
-            for plugin in self.plugins:
-                self.logger.log_report(plugin.name, plugin.before_round(self.view, server_round + 1), server_round + 1)
+        every = self.spec.checkpoint_every
+        if self.checkpoint is not None and server_round > 0 and every > 0 and (
+                server_round % every == 0 or server_round == self.spec.rounds):
+            self.checkpoint(server_round, arrays)
+        self._before_round(server_round + 1)
         return MetricRecord({"accuracy": accuracy, "loss": loss}) if evaluated else None
 
+    def _before_round(self, server_round: int) -> None:
+        if server_round <= self.spec.rounds:
+            for plugin in self.plugins:
+                self.logger.log_report(plugin.name, plugin.before_round(self.view, server_round), server_round)
 
-def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin]) -> RunOutcome:
+
+def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin], resume: Checkpoint | None = None) -> RunOutcome:
     """Everything a ServerApp main does; returns the final global model and the logged rows."""
     torch.manual_seed(spec.client.seed)
     federation = spec.client.data.federation()
@@ -162,19 +188,38 @@ def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin]) -> RunOutcom
 
     initial = ArrayRecord(build_model().state_dict())  # seeded: every strategy starts here
     metered = MeteredGrid(grid)
-    logger = RunLogger(spec.run_dir, tensorboard=spec.tensorboard)
+    strategy = spec.make_strategy()
+    done_rounds = 0
+    if resume is not None:
+        done_rounds = resume.round
+        initial = ArrayRecord(resume.arrays)
+        if hasattr(strategy, "load_state_dict"):
+            strategy.load_state_dict(resume.strategy)
+        if hasattr(metered, "restore_node_states"):
+            metered.restore_node_states(resume.node_states)
+        truncate_metrics(spec.run_dir, done_rounds)
+    logger = RunLogger(spec.run_dir, tensorboard=spec.tensorboard, purge_step=done_rounds + 1 if resume else None)
     view = RunView(run_dir=spec.run_dir, federation=federation, build_model=build_model,
                    load_global=load_global, num_rounds=spec.rounds, initial_arrays=initial)
-    strategy = spec.make_strategy()
-    reporter = RoundReporter(spec, metered, logger, plugins, view)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        node_states = metered.node_states() if hasattr(metered, "node_states") else {}
+        state = strategy.state_dict() if hasattr(strategy, "state_dict") else {}
+        save_checkpoint(spec.run_dir, Checkpoint(server_round, arrays.to_torch_state_dict(), state,
+                                                 reporter.state(server_round), node_states))
+
+    reporter = RoundReporter(spec, metered, logger, plugins, view, checkpoint,
+                             resume.reporter if resume is not None else None)
     strategy.aggregate_train = reporter.record_train(strategy.aggregate_train)
     strategy.aggregate_evaluate = reporter.record_evaluate(strategy.aggregate_evaluate)
+    runner = strategy if done_rounds == 0 else ResumedRounds(strategy, done_rounds)
     try:
-        for plugin in plugins:
-            logger.log_report(plugin.name, plugin.on_run_start(view), 0)
-        result = strategy.start(grid=metered, initial_arrays=initial, num_rounds=spec.rounds,
-                                timeout=spec.round_timeout, train_config=train_config(spec.train, spec.extra_train_config),
-                                evaluate_fn=reporter)
+        if resume is None:
+            for plugin in plugins:
+                logger.log_report(plugin.name, plugin.on_run_start(view), 0)
+        result = runner.start(grid=metered, initial_arrays=initial, num_rounds=spec.rounds - done_rounds,
+                              timeout=spec.round_timeout, train_config=train_config(spec.train, spec.extra_train_config),
+                              evaluate_fn=reporter)
         for plugin in plugins:
             logger.log_report(plugin.name, plugin.on_run_end(view), spec.rounds)
     finally:
@@ -184,13 +229,36 @@ def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin]) -> RunOutcom
                       control_bytes=metered.control_bytes)
 
 
-def build_server_app(spec: ServerSpec, plugins: list[Plugin], outcome: RunOutcome) -> ServerApp:
+class ResumedRounds(Strategy):
+    """``inner`` continued after ``offset`` finished rounds: Flower's ``start`` counts from round 1."""
+
+    def __init__(self, inner: Strategy, offset: int):
+        self.inner, self.offset = inner, offset
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        return self.inner.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
+
+
+def build_server_app(spec: ServerSpec, plugins: list[Plugin], outcome: RunOutcome,
+                     resume: Checkpoint | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            done = run_server(grid, spec, plugins)
+            done = run_server(grid, spec, plugins, resume)
             outcome.final_arrays, outcome.rows, outcome.control_bytes = done.final_arrays, done.rows, done.control_bytes
         except BaseException as exc:  # surfaced by fl.run after the engine returns
             outcome.error = exc

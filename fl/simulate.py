@@ -33,16 +33,23 @@ def main(cfg: DictConfig) -> None:
     if not cfg.get("verbose", False):  # after the imports: importing flwr resets its logger's level
         logging.getLogger("flwr").setLevel(logging.ERROR)
 
+    fresh_dir, resume = run_dir, None
     try:
+        if cfg.get("resume"):
+            cfg, run_dir, resume = resumed_run(str(cfg.resume))
         server, engine = build(cfg, run_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(fresh_dir, ignore_errors=True)
         sys.exit(2)
-    Path(run_dir, CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    if resume is None:
+        Path(run_dir, CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    else:
+        shutil.rmtree(fresh_dir, ignore_errors=True)
+        print(f"resuming {run_dir} after round {resume.round}", flush=True)
     print(start_lines(server), flush=True)
     try:
-        summary = execute(server, engine, launched_at=LAUNCHED_AT)
+        summary = execute(server, engine, launched_at=LAUNCHED_AT, resume=resume)
     except BaseException as exc:
         Path(run_dir, "error.txt").write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
         raise
@@ -51,6 +58,20 @@ def main(cfg: DictConfig) -> None:
           f"{summary['rounds']} rounds, engine {engine.name}: accuracy {summary['final_accuracy']:.4f} "
           f"(best {summary['best_accuracy']:.4f}), up {summary['cum_up_bytes'] / 2**20:.2f} MiB, "
           f"down {summary['cum_down_bytes'] / 2**20:.2f} MiB, {summary['wall_s']:.1f} s -> {run_dir}")
+
+
+def resumed_run(run_dir: str):
+    """The stored config, the run directory and its last complete checkpoint (ConfigError if none)."""
+    from fl.checkpoint import load_checkpoint
+
+    path = Path(run_dir)
+    if not (path / CONFIG_FILE).is_file():
+        raise ConfigError("resume", f"{path} is not a run directory (no {CONFIG_FILE})")
+    checkpoint = load_checkpoint(path)
+    cfg = OmegaConf.load(path / CONFIG_FILE)
+    if checkpoint.round >= int(cfg.rounds):
+        raise ConfigError("resume", f"{path} finished all {cfg.rounds} rounds already")
+    return cfg, str(path), checkpoint
 
 
 def start_lines(server) -> str:

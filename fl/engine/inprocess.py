@@ -115,6 +115,14 @@ class InProcessGrid(Grid):
         """The partition a node holds; lets the server skip the discovery query."""
         return int(self._contexts[node_id].node_config[PARTITION_ID])
 
+    def node_states(self) -> dict[int, RecordDict]:
+        """Every node's persistent ``Context.state`` (for checkpoints)."""
+        return {node_id: context.state for node_id, context in self._contexts.items()}
+
+    def restore_node_states(self, states: dict[int, RecordDict]) -> None:
+        for node_id, state in states.items():
+            self._contexts[int(node_id)].state = state
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
