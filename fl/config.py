@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clients.dense import TrainHyper
 from fl.errors import ConfigError
+from fl.faults import FaultSpec
 from fl.hooks import PLUGINS
 from fl.payload import get_codec
 from fl.run import EngineSpec
@@ -31,7 +32,7 @@ ENGINES = ("inprocess", "ray")
 _DATA_KEYS = ("name", "root", "partition")
 
 
-def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec]:
+def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultSpec]:
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     seed = _int(c, "seed", minimum=0)
     num_clients = _int(c, "num_clients", minimum=1)
@@ -83,7 +84,11 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec]:
                         eval_every=_int(c, "eval_every", minimum=0), round_timeout=float(c.get("round_timeout", 3600)),
                         tensorboard=bool(c.get("tensorboard", True)), progress=bool(c.get("progress", True)),
                         checkpoint_every=_int(c, "checkpoint_every", minimum=0))
-    return server, engine
+    f = c.get("faults") or {}
+    faults = FaultSpec(**{k: _fraction(f, k, allow_zero=True, prefix="faults.") for k in ("crash", "hang", "late", "nan")},
+                       hang_seconds=_float(f, "hang_seconds", minimum=0.0, prefix="faults."),
+                       late_seconds=_float(f, "late_seconds", minimum=0.0, prefix="faults."), seed=seed)
+    return server, engine, faults
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -176,9 +181,9 @@ def _float(c: Mapping[str, Any], key: str, *, minimum: float, prefix: str = "") 
     return value
 
 
-def _fraction(c: Mapping[str, Any], key: str, *, allow_zero: bool) -> float:
-    value = _number(c, key, float, "")
+def _fraction(c: Mapping[str, Any], key: str, *, allow_zero: bool, prefix: str = "") -> float:
+    value = _number(c, key, float, prefix)
     if not (0.0 < value <= 1.0 or (allow_zero and value == 0.0)):
         interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ConfigError(key, f"must be in {interval}, got {value}")
+        raise ConfigError(prefix + key, f"must be in {interval}, got {value}")
     return value

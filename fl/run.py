@@ -20,6 +20,7 @@ from flwr.app import Context, RecordDict
 
 from clients.app import build_client_app, first_train_time
 from fl.checkpoint import Checkpoint
+from fl.faults import FaultSpec, fault_mod
 from fl.engine.inprocess import InProcessGrid
 from fl.server import RunOutcome, ServerSpec, build_server_app
 
@@ -38,13 +39,13 @@ class EngineSpec:
 
 
 def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None = None,
-            resume: Checkpoint | None = None) -> dict[str, Any]:
+            resume: Checkpoint | None = None, faults: FaultSpec | None = None) -> dict[str, Any]:
     """Run the federation (from ``resume``'s round on, if given); returns the summary also
     written to ``summary.json``."""
     plugins = [p.build() for p in spec.client.plugins]
     outcome = RunOutcome()
     server_app = build_server_app(spec, plugins, outcome, resume)
-    client_app = build_client_app(spec.client)
+    client_app = build_client_app(spec.client, mods=[fault_mod(faults)] if faults and faults.active else None)
     num_nodes = spec.client.data.num_clients
     started = time.time()
     if engine.name == "inprocess":

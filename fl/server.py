@@ -79,6 +79,7 @@ class RoundReporter:
                  checkpoint: Callable[[int, ArrayRecord], None] | None = None, resumed: dict[str, Any] | None = None):
         self.spec, self.grid, self.logger, self.plugins, self.view = spec, grid, logger, plugins, view
         self.checkpoint = checkpoint
+        self.rejections: dict[int, list[str]] = {}  # the strategy's record of rejected updates, if it keeps one
         federation = spec.client.data.federation()
         self.test_data = ClientData(federation.test, np.arange(len(federation.test)))
         self.model = view.build_model()
@@ -146,6 +147,7 @@ class RoundReporter:
             "cum_down_bytes": self.cum_down,
             "clients": traffic.clients,
             "failures": traffic.failures,
+            "rejected": len(self.rejections.get(server_round, [])),
             "wall_s": round(time.time() - self.started, 4),
         }
         row.update({f"train/{k}": v for k, v in self.train_metrics.items()})
@@ -210,6 +212,7 @@ def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin], resume: Chec
 
     reporter = RoundReporter(spec, metered, logger, plugins, view, checkpoint,
                              resume.reporter if resume is not None else None)
+    reporter.rejections = getattr(strategy, "rejections", {})
     strategy.aggregate_train = reporter.record_train(strategy.aggregate_train)
     strategy.aggregate_evaluate = reporter.record_evaluate(strategy.aggregate_evaluate)
     runner = strategy if done_rounds == 0 else ResumedRounds(strategy, done_rounds)

@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     try:
         if cfg.get("resume"):
             cfg, run_dir, resume = resumed_run(str(cfg.resume))
-        server, engine = build(cfg, run_dir)
+        server, engine, faults = build(cfg, run_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         shutil.rmtree(fresh_dir, ignore_errors=True)
@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> None:
         print(f"resuming {run_dir} after round {resume.round}", flush=True)
     print(start_lines(server), flush=True)
     try:
-        summary = execute(server, engine, launched_at=LAUNCHED_AT, resume=resume)
+        summary = execute(server, engine, launched_at=LAUNCHED_AT, resume=resume, faults=faults)
     except BaseException as exc:
         Path(run_dir, "error.txt").write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
         raise

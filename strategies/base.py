@@ -6,6 +6,10 @@
   in the message config and decodes the replies.
 * Replies are put in partition order before aggregation, so floating-point sums do not depend
   on which client finished first.
+* Every update is validated before aggregation (``accept``): keys, shapes and dtypes as the
+  codec sends them, all values finite, payload size within the codec's bound. A rejected update
+  is logged with its client, round and reason, counted, and never reaches the aggregate; a round
+  with fewer than ``min_train_nodes`` accepted updates keeps the global model.
 * ``state_dict()``/``load_state_dict()`` for whatever must survive a checkpoint.
 
 The algorithm itself (configure, train, aggregate) is written out in each strategy's own file.
@@ -13,7 +17,11 @@ The algorithm itself (configure, train, aggregate) is written out in each strate
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -25,6 +33,8 @@ from fl.keys import ARRAYS, CODEC, CONFIG, METRICS, SERVER_ROUND, UP_CODEC
 from fl.payload import State, get_codec
 from fl.sampling import sample_partitions
 
+log = logging.getLogger(__name__)
+
 
 class FederatedStrategy(FlowerFedAvg):
     def __init__(self, *, seed: int = 0, down_codec: str = "dense_fp32", up_codec: str = "dense_fp32",
@@ -35,6 +45,7 @@ class FederatedStrategy(FlowerFedAvg):
         self.up_codec = get_codec(up_codec)
         self.reference: State | None = None  # names, shapes and dtypes of the global model
         self._directory: NodeDirectory | None = None
+        self.rejections: dict[int, list[str]] = {}  # round -> "partition p: reason" for each rejected update
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -71,6 +82,34 @@ class FederatedStrategy(FlowerFedAvg):
             config[UP_CODEC] = up
         return config
 
+    # -- validation ------------------------------------------------------------------------------
+
+    def accept(self, server_round: int, replies: Sequence[Message]) -> list[Message]:
+        """The replies whose update passes ``validate``; the others are logged and counted."""
+        partition_of = self._directory.partition_of_node if self._directory else {}
+        accepted, rejected = [], []
+        layout = PayloadLayout.of(self.up_codec, self.reference) if self.reference is not None else None
+        for reply in replies:
+            reason = self.validate(reply, layout)
+            if reason is None:
+                accepted.append(reply)
+            else:
+                who = partition_of.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
+                rejected.append(f"partition {who}: {reason}")
+                log.warning("round %d: rejected the update of partition %s: %s", server_round, who, reason)
+        self.rejections[server_round] = rejected
+        return accepted
+
+    def validate(self, reply: Message, layout: "PayloadLayout | None") -> str | None:
+        """Why ``reply``'s update must not be aggregated, or None if it may be."""
+        content = reply.content
+        if ARRAYS not in content or METRICS not in content or self.weighted_by_key not in content[METRICS]:
+            return f"reply lacks {ARRAYS!r} or {METRICS!r}[{self.weighted_by_key!r}]"
+        weight = content[METRICS][self.weighted_by_key]
+        if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+            return f"{self.weighted_by_key} is {weight!r}"
+        return layout.check(content[ARRAYS]) if layout is not None else None
+
     def decode_replies(self, replies: Sequence[Message]) -> tuple[list[State], list[float]]:
         states = [self.up_codec.decode(reply.content[ARRAYS], self.reference) for reply in replies]
         weights = [float(reply.content[METRICS][self.weighted_by_key]) for reply in replies]
@@ -83,6 +122,41 @@ class FederatedStrategy(FlowerFedAvg):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.seed = int(state["seed"])
+
+
+@dataclass(frozen=True)
+class PayloadLayout:
+    """What a sound payload of ``codec`` looks like for a model: array names, dtypes, shapes, and a
+    size bound (the larger of the codec's and the dense fp32 encoding, plus 1%)."""
+
+    codec_name: str
+    arrays: dict[str, tuple[str, list[int]]]
+    bound: int
+
+    @classmethod
+    def of(cls, codec, reference: Mapping[str, Any]) -> "PayloadLayout":
+        expected = codec.encode(reference)
+        bound = max(expected.count_bytes(), get_codec("dense_fp32").encode(reference).count_bytes())
+        return cls(codec.name, {k: (a.dtype, list(a.shape)) for k, a in expected.items()}, int(bound * 1.01) + 1024)
+
+    def check(self, record: ArrayRecord) -> str | None:
+        size = record.count_bytes()
+        if size > self.bound:
+            return f"payload of {size} bytes exceeds the {self.codec_name} bound of {self.bound}"
+        if list(record.keys()) != list(self.arrays):
+            missing, extra = sorted(set(self.arrays) - set(record)), sorted(set(record) - set(self.arrays))
+            return f"arrays differ from the {self.codec_name} layout: missing {missing[:3]}, unexpected {extra[:3]}"
+        for name, array in record.items():
+            dtype, shape = self.arrays[name]
+            if array.dtype != dtype or list(array.shape) != shape:
+                return f"{name!r} is {array.dtype}{list(array.shape)}, expected {dtype}{shape}"
+            try:
+                values = array.numpy()
+            except Exception as exc:
+                return f"{name!r} does not decode ({type(exc).__name__}: {exc})"
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                return f"{name!r} has non-finite values"
+        return None
 
 
 def weighted_mean(states: Sequence[State], weights: Sequence[float]) -> State:

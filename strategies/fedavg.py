@@ -38,10 +38,10 @@ class FedAvg(FederatedStrategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        ordered = self.in_partition_order(self.accept(server_round, valid))
+        if len(ordered) < max(self.min_train_nodes, 1):  # too few sound updates: keep w_t
             return None, None
-        ordered = self.in_partition_order(valid)
         states, weights = self.decode_replies(ordered)
         new_state = self.server_update(server_round, states, weights)
         metrics = self.train_metrics_aggr_fn([reply.content for reply in ordered], self.weighted_by_key)

@@ -25,8 +25,8 @@ def run_inprocess(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
 
     other_data = any(o.startswith("data=") for o in overrides)
     cfg = compose_config(SMALL + ([] if other_data else SMALL_SYNTHETIC) + overrides)
-    server, engine = build(cfg, str(tmp_path))
-    return execute(server, engine), tmp_path
+    server, engine, faults = build(cfg, str(tmp_path))
+    return execute(server, engine, faults=faults), tmp_path
 
 
 def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
