@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clients.dense import TrainHyper
 from fl.errors import ConfigError
+from fl.clock import clock_spec
 from fl.faults import FaultSpec
 from fl.hooks import PLUGINS
 from fl.payload import get_codec
@@ -54,7 +55,13 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
     client = ClientSpec(data=data, model=model, seed=seed, plugins=plugins)
 
     federation = data.federation()  # builds (and validates) the data once, before any round
-    model.build_for(federation)  # fails here, not in a worker, on a bad model option
+    probe = model.build_for(federation)  # fails here, not in a worker, on a bad model option
+    clock = None
+    if (c.get("device") or {}).get("profiles"):
+        from fl.models import model_profile
+
+        macs = model_profile(probe, in_channels=federation.channels, image_size=federation.image_size)["macs"]
+        clock = clock_spec(c["device"], macs, seed)
 
     codec = c.get("codec") or {}
     down, up = str(codec.get("down", "dense_fp32")), str(codec.get("up", "dense_fp32"))
@@ -83,7 +90,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
     server = ServerSpec(client=client, make_strategy=make_strategy, rounds=rounds, train=hyper, run_dir=run_dir,
                         eval_every=_int(c, "eval_every", minimum=0), round_timeout=float(c.get("round_timeout", 3600)),
                         tensorboard=bool(c.get("tensorboard", True)), progress=bool(c.get("progress", True)),
-                        checkpoint_every=_int(c, "checkpoint_every", minimum=0))
+                        checkpoint_every=_int(c, "checkpoint_every", minimum=0), clock=clock)
     f = c.get("faults") or {}
     faults = FaultSpec(**{k: _fraction(f, k, allow_zero=True, prefix="faults.") for k in ("crash", "hang", "late", "nan")},
                        hang_seconds=_float(f, "hang_seconds", minimum=0.0, prefix="faults."),

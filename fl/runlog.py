@@ -5,7 +5,9 @@ TensorBoard series:
     eval/accuracy, eval/loss                          step = round
     comm/up_bytes, comm/down_bytes, comm/cum_up_bytes, comm/cum_down_bytes   step = round
     comm/up_bytes_per_client (histogram)              step = round
+    comm/failures, comm/rejected, comm/stragglers, comm/sim_s   step = round
     acc_vs_kib/total, acc_vs_kib/up                   step = cumulative KiB (total, upload only)
+    acc_vs_sim_time/accuracy                          step = cumulative simulated seconds (with a clock)
 so that accuracy curves of different strategies overlay on one chart by communication cost.
 Plugins' reports land under ``plugin/<name>/``.
 """
@@ -46,7 +48,10 @@ class RunLogger:
         for key in ("accuracy", "loss"):
             if row.get(key) is not None:
                 self._tb.add_scalar(f"eval/{key}", row[key], step)
-        for key in ("up_bytes", "down_bytes", "cum_up_bytes", "cum_down_bytes"):
+        for key in ("up_bytes", "down_bytes", "cum_up_bytes", "cum_down_bytes", "failures", "rejected", "stragglers",
+                    "sim_s"):
+            if key not in row:
+                continue
             self._tb.add_scalar(f"comm/{key}", row[key], step)
         if per_client_up is not None and len(per_client_up):
             self._tb.add_histogram("comm/up_bytes_per_client", per_client_up, step)
@@ -54,6 +59,8 @@ class RunLogger:
             total_kib = (row["cum_up_bytes"] + row["cum_down_bytes"]) / 1024
             self._tb.add_scalar("acc_vs_kib/total", row["accuracy"], int(total_kib))
             self._tb.add_scalar("acc_vs_kib/up", row["accuracy"], int(row["cum_up_bytes"] / 1024))
+            if "cum_sim_s" in row:
+                self._tb.add_scalar("acc_vs_sim_time/accuracy", row["accuracy"], int(row["cum_sim_s"]))
         for key, value in row.items():
             if key.startswith(("train/", "fed_eval/")) and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, step)

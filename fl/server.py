@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from clients.dense import ClientData, TrainHyper, evaluate
 from fl.checkpoint import Checkpoint, save_checkpoint
+from fl.clock import ClockSpec
 from fl.engine.metered import MeteredGrid
 from fl.hooks import Plugin, RunView
 from fl.keys import BATCH_SIZE, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
@@ -44,6 +45,7 @@ class ServerSpec:
     round_timeout: float = 3600.0
     eval_threads: int = 0  # torch threads for central evaluation; 0 = all cores
     checkpoint_every: int = 0  # write checkpoint.pt every k rounds (and after the last); 0 = never
+    clock: ClockSpec | None = None  # virtual device clock (fl.clock); None = untimed
     tensorboard: bool = True
     progress: bool = True
     extra_train_config: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +87,7 @@ class RoundReporter:
         self.model = view.build_model()
         self.cum_up = 0
         self.cum_down = 0
+        self.cum_sim_s = 0.0
         self.started = time.time()
         self.train_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
@@ -92,6 +95,7 @@ class RoundReporter:
         self.offset = 0  # rounds already done before this process (a resumed run)
         if resumed is not None:
             self.cum_up, self.cum_down, self.rows = resumed["cum_up"], resumed["cum_down"], list(resumed["rows"])
+            self.cum_sim_s = resumed.get("cum_sim_s", 0.0)
             self.offset = int(resumed["round"])
             self.started -= float(resumed["wall_s"])
         self.bar = tqdm(total=spec.rounds, initial=self.offset, desc="rounds", unit="round", disable=not spec.progress,
@@ -99,6 +103,7 @@ class RoundReporter:
 
     def state(self, server_round: int) -> dict[str, Any]:
         return {"round": server_round, "cum_up": self.cum_up, "cum_down": self.cum_down, "rows": self.rows,
+                "cum_sim_s": self.cum_sim_s,
                 "wall_s": time.time() - self.started}
 
     def record_train(self, aggregate):
@@ -129,6 +134,7 @@ class RoundReporter:
         if server_round > 0:
             self.cum_up += traffic.up_bytes
             self.cum_down += traffic.down_bytes
+            self.cum_sim_s += traffic.sim_s
         evaluated = server_round == 0 or server_round == self.spec.rounds or (
             self.spec.eval_every > 0 and server_round % self.spec.eval_every == 0)
         accuracy = loss = None
@@ -148,8 +154,12 @@ class RoundReporter:
             "clients": traffic.clients,
             "failures": traffic.failures,
             "rejected": len(self.rejections.get(server_round, [])),
+            "stragglers": traffic.stragglers,
             "wall_s": round(time.time() - self.started, 4),
         }
+        if self.spec.clock is not None:
+            row["sim_s"] = traffic.sim_s if server_round > 0 else 0.0
+            row["cum_sim_s"] = self.cum_sim_s
         row.update({f"train/{k}": v for k, v in self.train_metrics.items()})
         row.update({f"fed_eval/{k}": v for k, v in self.eval_metrics.items()})
         self.train_metrics, self.eval_metrics = {}, {}
@@ -189,7 +199,7 @@ def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin], resume: Chec
         return model
 
     initial = ArrayRecord(build_model().state_dict())  # seeded: every strategy starts here
-    metered = MeteredGrid(grid)
+    metered = MeteredGrid(grid, spec.clock, spec.client.data.num_clients)
     strategy = spec.make_strategy()
     done_rounds = 0
     if resume is not None:

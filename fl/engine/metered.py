@@ -20,6 +20,8 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fl.clock import ClockSpec
+from fl.keys import CONFIG, EPOCHS, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fl.payload import payload_bytes
 
 
@@ -27,14 +29,24 @@ from fl.payload import payload_bytes
 class RoundTraffic:
     up_bytes: int
     down_bytes: int
-    clients: int  # nodes that returned a training reply
+    clients: int  # nodes whose training reply was kept
     failures: int  # error replies and missing replies
     per_client_up: np.ndarray  # upload bytes of each node that replied to training
+    stragglers: int = 0  # replies dropped for missing the virtual clock's deadline
+    sim_s: float = 0.0  # the round's duration on the virtual clock (0 without one)
 
 
 class MeteredGrid(Grid):
-    def __init__(self, inner: Grid):
+    """``clock`` (optional): times every client on its device profile and drops stragglers."""
+
+    def __init__(self, inner: Grid, clock: ClockSpec | None = None, num_partitions: int = 0):
         self.inner = inner
+        self.clock = clock
+        self._profiles = clock.assign(num_partitions) if clock is not None else []
+        self._partition_of: dict[int, int] = {}
+        self._stragglers = 0
+        self._stragglers_now = 0  # dropped by the clock in the call being counted (not failures)
+        self._sim_s = 0.0
         self._up: dict[int, int] = defaultdict(int)
         self._down: dict[int, int] = defaultdict(int)
         self._train_up: dict[int, int] = {}
@@ -48,7 +60,10 @@ class MeteredGrid(Grid):
             clients=len(self._train_up),
             failures=self._failures,
             per_client_up=np.array(sorted(self._train_up.values()), dtype=np.int64),
+            stragglers=self._stragglers,
+            sim_s=self._sim_s,
         )
+        self._stragglers, self._sim_s = 0, 0.0
         self._up.clear()
         self._down.clear()
         self._train_up.clear()
@@ -79,13 +94,16 @@ class MeteredGrid(Grid):
             size = payload_bytes(reply.content)
             if _is_control(reply):
                 self.control_bytes += size
+                if reply.has_content() and PARTITION_ID in reply.content.get(METRICS, {}):
+                    self._partition_of[reply.metadata.src_node_id] = int(reply.content[METRICS][PARTITION_ID])
                 continue
             node = reply.metadata.src_node_id
             self._up[node] += size
             if reply.metadata.message_type.startswith("train"):
                 self._train_up[node] = self._train_up.get(node, 0) + size
         if sent is not None:
-            self._failures += sent - len(replies)
+            self._failures += sent - len(replies) - self._stragglers_now
+            self._stragglers_now = 0
         return replies
 
     # -- Grid API, delegated -----------------------------------------------------------------
@@ -112,7 +130,40 @@ class MeteredGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = self._count_out(messages)
-        return self._count_in(self.inner.send_and_receive(messages, timeout=timeout), sent=len(messages))
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        if self.clock is not None and messages and not _is_control(messages[0]):
+            replies = self._on_the_clock(messages, replies)
+        return self._count_in(replies, sent=len(messages))
+
+    def _on_the_clock(self, messages: list[Message], replies: list[Message]) -> list[Message]:
+        """Time each reply on its node's device; drop those past the deadline; advance the clock."""
+        sent = {m.metadata.message_id: m for m in messages}
+        down_sizes = {id(m.content): payload_bytes(m.content) for m in messages}
+        deadline = self.clock.deadline_s
+        kept, slowest = [], 0.0
+        for reply in replies:
+            request = sent.get(reply.metadata.reply_to_message_id)
+            if request is None or reply.has_error():
+                kept.append(reply)
+                continue
+            partition = self._partition(reply.metadata.src_node_id)
+            config = request.content.get(CONFIG, {})
+            seconds = self.clock.client_seconds(
+                self._profiles[partition], samples=int(reply.content[METRICS].get(NUM_EXAMPLES, 0)),
+                epochs=int(config.get(EPOCHS, 1)), train=request.metadata.message_type.startswith("train"),
+                down_bytes=down_sizes[id(request.content)], up_bytes=payload_bytes(reply.content))
+            if deadline is not None and seconds > deadline:
+                self._stragglers += 1
+                self._stragglers_now += 1
+                continue
+            kept.append(reply)
+            slowest = max(slowest, seconds)
+        self._sim_s += deadline if deadline is not None and len(kept) < len(replies) else slowest
+        return kept
+
+    def _partition(self, node_id: int) -> int:
+        partition_of = getattr(self.inner, "partition_of", None)
+        return partition_of(node_id) if partition_of is not None else self._partition_of[node_id]
 
     def __getattr__(self, name: str):  # e.g. InProcessGrid.partition_of
         if name == "inner":
