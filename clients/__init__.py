@@ -1,6 +1,8 @@
 """Client side: the ClientApp (``clients.app``) and the trainers it dispatches to by name."""
 
 from clients import dense_trainer  # noqa: F401  (registers "dense")
-from clients.trainer import TRAINERS, ClientEnv, register_trainer
+from clients import hermes_trainer  # noqa: F401  (registers "hermes")
+from clients import masked_trainer  # noqa: F401  (registers "masked": FedDST)
+from clients.trainer import EVALUATORS, TRAINERS, ClientEnv, register_evaluator, register_trainer
 
-__all__ = ["TRAINERS", "ClientEnv", "register_trainer"]
+__all__ = ["EVALUATORS", "TRAINERS", "ClientEnv", "register_evaluator", "register_trainer"]

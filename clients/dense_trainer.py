@@ -1,11 +1,12 @@
-"""The ``dense`` trainer: FedAvg's client step on the whole model (``clients.dense.train_dense``)."""
+"""The ``dense`` trainer and evaluator: FedAvg's client step on the whole model
+(``clients.dense.train_dense``) and accuracy of the received model on the client's own data."""
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord
 
-from clients.dense import train_dense
-from clients.trainer import ClientEnv, hyper_from, register_trainer
+from clients.dense import evaluate, train_dense
+from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer
 from fl.keys import CODEC, UP_CODEC
 from fl.payload import decode_shared, get_codec
 
@@ -19,3 +20,11 @@ def dense(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[Ar
         metrics = train_dense(model, env.data, hyper_from(config), env.generator)
         metrics.update(env.after_train(model, metrics))
         return get_codec(str(config.get(UP_CODEC, "dense_fp32"))).encode(model.state_dict()), metrics
+
+
+@register_evaluator("dense")
+def dense_evaluate(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> dict[str, float]:
+    with env.model() as model:
+        received = decode_shared(get_codec(str(config.get(CODEC, "dense_fp32"))), arrays, model.state_dict())
+        model.load_state_dict(received)
+        return evaluate(model, env.data)

@@ -1,9 +1,11 @@
 """Client trainers: plain functions ``(arrays, config, env) -> (arrays, metrics)`` chosen by name.
 
 The server names the trainer in each train message (``config["trainer"]``, default ``dense``), so
-one ClientApp serves every strategy. A trainer knows nothing of Flower's transport, Ray or the
-engine: ``ClientEnv`` hands it the client's data, its persistent state, a seeded generator, a
-resident model and the plugin hooks.
+one ClientApp serves every strategy. Evaluate messages name it the same way: a trainer that needs
+its own evaluation (a pruned architecture, a personal split) registers an evaluator
+``(arrays, config, env) -> metrics`` under the same name; other names are evaluated densely.
+A trainer knows nothing of Flower's transport, Ray or the engine: ``ClientEnv`` hands it the
+client's data, its persistent state, a seeded generator, a resident model and the plugin hooks.
 """
 
 from __future__ import annotations
@@ -29,8 +31,22 @@ Trainer = Callable[[ArrayRecord, ConfigRecord, "ClientEnv"], tuple[ArrayRecord, 
 TRAINERS: Registry[Trainer] = Registry("client trainer", "strategy.trainer")
 
 
+Evaluator = Callable[[ArrayRecord, ConfigRecord, "ClientEnv"], dict[str, float]]
+EVALUATORS: Registry[Evaluator] = Registry("client evaluator", "strategy.trainer")
+
+
 def register_trainer(name: str) -> Callable[[Trainer], Trainer]:
     return TRAINERS.register(name)
+
+
+def register_evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
+    return EVALUATORS.register(name)
+
+
+def evaluator_for(config: ConfigRecord) -> Evaluator:
+    """The evaluator registered under the message's trainer name, else the dense one."""
+    name = str(config.get(TRAINER, "dense"))
+    return EVALUATORS.get(name if name in EVALUATORS else "dense")
 
 
 @dataclass
@@ -51,7 +67,9 @@ class ClientEnv:
     @contextmanager
     def model(self) -> Iterator[nn.Module]:
         """A resident instance of the run's model (weights are whatever the last user left)."""
-        with borrowed_model(self.spec.model, lambda: self.spec.model.build_for(self.federation)) as model:
+        fed = self.federation  # the same model spec builds different shapes for different data
+        key = (self.spec.model, fed.num_classes, fed.channels, fed.image_size)
+        with borrowed_model(key, lambda: self.spec.model.build_for(fed)) as model:
             yield model
 
     def before_train(self, model: nn.Module, config: ConfigRecord) -> None:

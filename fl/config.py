@@ -162,7 +162,14 @@ def _strategy_factory(sc: Mapping[str, Any], flower_kwargs: dict[str, Any],
             if key not in params:
                 raise ConfigError(f"strategy.{key}", f"{cls.__name__} takes no argument {key!r}; "
                                                      f"it takes: {', '.join(p for p in params if p != 'self')}")
-    return functools.partial(cls, **kwargs)
+    factory = functools.partial(cls, **kwargs)
+    try:  # build it once now, so a bad strategy option stops here, before any work
+        factory()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("strategy", f"{cls.__name__}: {exc}") from None
+    return factory
 
 
 def _number(c: Mapping[str, Any], key: str, kind: type, prefix: str) -> Any:

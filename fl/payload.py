@@ -234,6 +234,14 @@ def encode_reply(codec: Codec, local: Mapping[str, torch.Tensor], received: Mapp
     return record
 
 
+def example_payload(codec: Codec, reference: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A payload of ``codec`` for a model shaped like ``reference`` (names, dtypes, shapes, size):
+    ``encode(reference)``, or for an update codec the encoding of a zero update."""
+    if isinstance(codec, UpdateCodec):
+        return codec.encode_update(reference, reference, None)[0]
+    return codec.encode(reference)
+
+
 def decode_update(codec: UpdateCodec, record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> State:
     """The update an update-codec record carries (floating tensors only), without the reference added."""
     return _decode_update(record, reference, codec.ratio, codec.values)
@@ -253,9 +261,8 @@ def _encode_update(local, received, residual, ratio: float, values: str,
         update = (w.detach().float() - ref.detach().float()).reshape(-1)
         if error_feedback and residual is not None and name in residual and residual[name].numel() == update.numel():
             update = update + residual[name].float().reshape(-1)
-        k = topk_count(update.numel(), ratio)
-        if k < update.numel():
-            index = torch.topk(update.abs(), k, sorted=False).indices.sort().values
+        if ratio < 1.0:  # every tensor sends indices, even one small enough to go whole
+            index = torch.topk(update.abs(), topk_count(update.numel(), ratio), sorted=False).indices.sort().values
             chosen = update[index]
             kept_indices.append(index.to(torch.int32))
         else:
@@ -298,6 +305,8 @@ def _decode_update(record: ArrayRecord, reference: Mapping[str, torch.Tensor], r
                          f"(top-k ratio {ratio}): was it encoded for another model?")
     kept = torch.from_numpy(kept).float()
     indices = torch.from_numpy(record[_INDICES_KEY].numpy()).long() if ratio < 1.0 else None
+    if indices is not None and indices.shape != kept.shape:
+        raise ValueError(f"update payload holds {kept.numel()} values but {indices.numel()} indices")
     scales = torch.from_numpy(record[_SCALES_KEY].numpy()) if values == "int8" else None
     update: State = {}
     start = 0
@@ -308,8 +317,11 @@ def _decode_update(record: ArrayRecord, reference: Mapping[str, torch.Tensor], r
         if indices is None:
             flat = chunk
         else:
+            where = indices[start:start + k]
+            if k and (int(where.min()) < 0 or int(where.max()) >= ref.numel()):
+                raise ValueError(f"update payload indexes outside {name!r} ({ref.numel()} entries)")
             flat = torch.zeros(ref.numel(), dtype=torch.float32)
-            flat[indices[start:start + k]] = chunk
+            flat[where] = chunk
         update[name] = flat.reshape(ref.shape)
         start += k
     return update | _decode_buffers(record, reference)
@@ -374,3 +386,355 @@ for _values in UPDATE_VALUES:  # int8, delta_fp16, delta_fp32, topk_<r>[+fp16|+i
     for _ratio in (0.001, 0.01, 0.05, 0.1, 0.2, 0.5):
         register_codec(update_codec(_ratio, _values))
 del _values, _ratio
+
+
+# == sparse codecs: bitmap + values (FedDST) ====================================================
+#
+# A sparse model travels as the values at its mask plus, when the receiver does not already hold
+# that mask, the mask itself as a bitmap (1 bit per coordinate of every masked tensor). Which
+# tensors are masked is the sender's choice (FedDST: conv/linear weights); the others travel whole.
+# Serialized form (one ArrayRecord of at most five arrays, whatever the model):
+#     "layout"   uint8, one entry per tensor of the reference, in its order:
+#                0 = floating, sent whole; 1 = floating, masked; 2 = not floating (a buffer)
+#     "values"   the masked tensors' entries at their mask, tensor after tensor, row-major:
+#                exactly sum_l nnz(mask_l) numbers, fp32 or fp16
+#     "dense"    the whole floating tensors (biases, normalization), concatenated, same dtype
+#     "bitmap"   np.packbits of the concatenated flattened masks (little bit order): ceil(M/8)
+#                bytes for M masked coordinates; absent when the receiver already holds the mask
+#     "buffers"  non-floating buffers (BatchNorm's counter) as int64, sent as they are
+# Without a bitmap the receiver decodes with the mask it holds (``decode_bitmap(..., masks=)``).
+# Off-mask coordinates decode as exactly 0. Round-trip error: fp32 exact; fp16 within half
+# precision (relative 2^-11; values below 2^-24 in magnitude become 0 but keep their mask bit).
+# The plain ``encode(state)`` of the registered codecs takes the mask of every floating tensor
+# with two or more dimensions (conv/linear weights) to be its nonzero entries.
+
+BITMAP_VALUES = ("fp32", "fp16")
+_LAYOUT_KEY, _KEPT_KEY, _DENSE_KEY, _BITMAP_KEY, _INT_KEY = "layout", "values", "dense", "bitmap", "buffers"
+_WHOLE, _MASKED, _BUFFER = 0, 1, 2
+
+Masks = dict[str, torch.Tensor]  # name -> bool tensor of the parameter's shape
+
+
+def nonzero_masks(state: Mapping[str, torch.Tensor]) -> Masks:
+    """The masks ``encode`` assumes: nonzero entries of floating tensors with two or more dims."""
+    return {name: t != 0 for name, t in state.items() if t.is_floating_point() and t.dim() >= 2}
+
+
+def encode_bitmap(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], *,
+                  values: str = "fp32", with_bitmap: bool = True) -> ArrayRecord:
+    """The values of ``state`` at ``masks`` (plus the bitmap of ``masks`` when ``with_bitmap``)."""
+    if values not in BITMAP_VALUES:
+        raise ValueError(f"bitmap codec values must be one of {BITMAP_VALUES}, got {values!r}")
+    unknown = sorted(set(masks) - set(state))
+    if unknown:
+        raise ValueError(f"masks name tensors the state does not hold: {unknown}")
+    dtype = torch.float32 if values == "fp32" else torch.float16
+    layout, kept, whole, bits, buffers = [], [], [], [], []
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if name in masks:
+            mask = masks[name].detach().cpu().to(torch.bool)
+            if mask.shape != t.shape or not t.is_floating_point():
+                raise ValueError(f"mask of {name!r} has shape {tuple(mask.shape)}, tensor {tuple(t.shape)} "
+                                 f"({t.dtype}); only floating tensors take a mask")
+            layout.append(_MASKED)
+            kept.append(t.reshape(-1)[mask.reshape(-1)].to(dtype))
+            bits.append(mask.reshape(-1))
+        elif t.is_floating_point():
+            layout.append(_WHOLE)
+            whole.append(t.reshape(-1).to(dtype))
+        else:
+            layout.append(_BUFFER)
+            buffers.append(t.reshape(-1).to(torch.int64))
+    arrays = {_LAYOUT_KEY: Array(np.asarray(layout, dtype=np.uint8)),
+              _KEPT_KEY: _to_array(torch.cat(kept) if kept else torch.zeros(0, dtype=dtype))}
+    if whole:
+        arrays[_DENSE_KEY] = _to_array(torch.cat(whole))
+    if with_bitmap:
+        flat = torch.cat(bits).numpy() if bits else np.zeros(0, dtype=bool)
+        arrays[_BITMAP_KEY] = Array(np.packbits(flat, bitorder="little"))
+    if buffers:
+        arrays[_INT_KEY] = _to_array(torch.cat(buffers))
+    return ArrayRecord(arrays)
+
+
+def has_bitmap(record: ArrayRecord) -> bool:
+    return _BITMAP_KEY in record
+
+
+def decode_bitmap(record: ArrayRecord, reference: Mapping[str, torch.Tensor],
+                  masks: Mapping[str, torch.Tensor] | None = None) -> tuple[State, Masks]:
+    """``(state, masks)`` from a bitmap record; ``masks`` is needed (only) when it has no bitmap.
+
+    The state has the reference's names, shapes and dtypes; off-mask entries are exactly 0.
+    """
+    layout = record[_LAYOUT_KEY].numpy()
+    if len(layout) != len(reference):
+        raise ValueError(f"sparse payload describes {len(layout)} tensors, the model has {len(reference)}: "
+                         f"was it encoded for another model?")
+    masked = [name for name, kind in zip(reference, layout) if kind == _MASKED]
+    if has_bitmap(record):
+        total = sum(reference[name].numel() for name in masked)
+        flat = np.unpackbits(record[_BITMAP_KEY].numpy(), count=total, bitorder="little").astype(bool)
+        out_masks, start = {}, 0
+        for name in masked:
+            n = reference[name].numel()
+            out_masks[name] = torch.from_numpy(flat[start:start + n].copy()).reshape(reference[name].shape)
+            start += n
+    elif masks is None or any(name not in masks for name in masked):
+        raise ValueError("sparse payload carries no bitmap: decode it with the masks it was encoded under "
+                         f"(needed for {masked})")
+    else:
+        out_masks = {name: masks[name].to(torch.bool) for name in masked}
+    kept = torch.from_numpy(record[_KEPT_KEY].numpy()).float()
+    nnz = sum(int(m.sum()) for m in out_masks.values())
+    if kept.numel() != nnz:
+        raise ValueError(f"sparse payload holds {kept.numel()} values for masks with {nnz} nonzeros")
+    whole = torch.from_numpy(record[_DENSE_KEY].numpy()).float() if _DENSE_KEY in record else torch.zeros(0)
+    buffers = torch.from_numpy(record[_INT_KEY].numpy()) if _INT_KEY in record else torch.zeros(0, dtype=torch.int64)
+    state: State = {}
+    next_kept = next_whole = next_buffer = 0
+    for (name, ref), kind in zip(reference.items(), layout):
+        n = ref.numel()
+        if kind == _MASKED:
+            mask = out_masks[name].reshape(-1)
+            flat = torch.zeros(n, dtype=torch.float32)
+            k = int(mask.sum())
+            flat[mask] = kept[next_kept:next_kept + k]
+            next_kept += k
+        elif kind == _WHOLE:
+            flat = whole[next_whole:next_whole + n]
+            next_whole += n
+        else:
+            flat = buffers[next_buffer:next_buffer + n]
+            next_buffer += n
+        if flat.numel() != n:
+            raise ValueError(f"sparse payload ran out of entries at {name!r}: was it encoded for another model?")
+        state[name] = flat.reshape(ref.shape).to(ref.dtype)
+    return state, out_masks
+
+
+@dataclass(frozen=True)
+class BitmapCodec(Codec):
+    """A bitmap + values codec; ``encode_masked``/``decode_masked`` take the masks explicitly."""
+
+    values: str = "fp32"
+
+    def encode_masked(self, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], *,
+                      with_bitmap: bool = True) -> ArrayRecord:
+        return encode_bitmap(state, masks, values=self.values, with_bitmap=with_bitmap)
+
+    def decode_masked(self, record: ArrayRecord, reference: Mapping[str, torch.Tensor],
+                      masks: Mapping[str, torch.Tensor] | None = None) -> tuple[State, Masks]:
+        return decode_bitmap(record, reference, masks)
+
+
+def bitmap_codec(values: str = "fp32") -> BitmapCodec:
+    """Build (not register) the bitmap + values codec sending ``values`` (``bitmap_<values>``)."""
+    if values not in BITMAP_VALUES:
+        raise ValueError(f"bitmap codec values must be one of {BITMAP_VALUES}, got {values!r}")
+    return BitmapCodec(f"bitmap_{values}",
+                       lambda state: encode_bitmap(state, nonzero_masks(state), values=values),
+                       lambda record, reference: decode_bitmap(record, reference)[0], values=values)
+
+
+BITMAP_FP32 = register_codec(bitmap_codec("fp32"))
+BITMAP_FP16 = register_codec(bitmap_codec("fp16"))
+# == end of sparse bitmap codecs ================================================================
+
+
+# == channel-slice codec: whole channels plus a channel bitmap (Hermes) ======================
+#
+# Structured (channel) pruning keeps, in every tensor, one block: the kept output channels
+# (dim 0) times the kept input channels (dim 1), at every kernel position. ``Keep`` names that
+# block per tensor: one bool mask per sliced dimension (dims 0 and 1 of a tensor with two or
+# more dimensions, dim 0 of a vector, none of a scalar). The kept coordinates of a tensor are
+# the outer product of its masks; "channel-constant" by construction.
+#
+# Serialized form (three arrays whatever the model, so NumPy's 128-byte header per array stays
+# negligible):
+#     "values"   the kept block of every floating tensor, tensor after tensor in the reference
+#                order, each block row-major: fp32 or fp16
+#     "bitmap"   uint8, ``np.packbits`` of every floating tensor's masks (dim 0, then dim 1),
+#                tensor after tensor in the reference order
+#     "buffers"  non-floating tensors (BatchNorm's counter) whole, as int64; only when present
+# The receiver reads the masks against its reference shapes, so it knows each block's shape.
+# Bytes = kept entries x itemsize + ceil(mask bits / 8) + buffers x 8 + the npy headers and keys.
+# For cnn_small the bitmap is 3,275 bits (410 bytes), next to 2.2 MB of dense values.
+
+SLICE_VALUES = ("fp32", "fp16")
+_SLICE_VALUES_KEY, _SLICE_BITMAP_KEY, _SLICE_BUFFERS_KEY = "values", "bitmap", "buffers"
+
+Keep = dict[str, tuple[torch.Tensor, ...]]
+
+
+def sliced_dims(shape: torch.Size | tuple[int, ...]) -> int:
+    """How many leading dimensions of a tensor carry a channel mask: 0, 1 or 2."""
+    return min(len(shape), 2)
+
+
+def full_keep(reference: Mapping[str, torch.Tensor]) -> Keep:
+    """Every channel of every tensor kept."""
+    return {name: tuple(torch.ones(t.shape[d], dtype=torch.bool) for d in range(sliced_dims(t.shape)))
+            for name, t in reference.items()}
+
+
+def keep_coordinates(masks: tuple[torch.Tensor, ...], shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The dense-shaped bool mask of the coordinates a tensor's channel masks keep."""
+    out = torch.ones(shape, dtype=torch.bool)
+    for d, mask in enumerate(masks):
+        view = [1] * len(shape)
+        view[d] = -1
+        out = out & mask.reshape(view)
+    return out
+
+
+def kept_entries(keep: Keep, reference: Mapping[str, torch.Tensor]) -> int:
+    """Number of coordinates ``keep`` holds over the whole state."""
+    return sum(int(keep_coordinates(keep[name], t.shape).sum()) for name, t in reference.items())
+
+
+def slice_state(state: Mapping[str, torch.Tensor], keep: Keep) -> State:
+    """Each tensor's kept block (the physically smaller tensor)."""
+    return {name: _slice(t, keep[name]) for name, t in state.items()}
+
+
+def unslice_state(blocks: Mapping[str, torch.Tensor], keep: Keep, base: Mapping[str, torch.Tensor]) -> State:
+    """Dense-shaped tensors: ``base`` (copied) with each block written back where ``keep`` says."""
+    out: State = {}
+    for name, b in base.items():
+        index = _slice_indices(keep[name])
+        full = b.detach().clone()
+        if index:
+            full[_slice_grid(index)] = blocks[name].to(full.dtype)
+        else:
+            full.copy_(blocks[name])
+        out[name] = full
+    return out
+
+
+def relative_keep(outer: Keep, inner: Keep) -> Keep:
+    """``inner`` (a subset of ``outer``) expressed in the coordinates of ``outer``'s blocks."""
+    out: Keep = {}
+    for name, masks in inner.items():
+        if any(bool((m & ~o).any()) for m, o in zip(masks, outer[name])):
+            raise ValueError(f"channel masks of {name!r} grow: a kept set must be a subset of the previous one")
+        out[name] = tuple(m[o] for m, o in zip(masks, outer[name]))
+    return out
+
+
+@dataclass(frozen=True)
+class SliceCodec(Codec):
+    """A channel-slice codec; ``encode_slices``/``decode_slices`` take the blocks and ``Keep`` explicitly.
+
+    As a plain codec, ``encode(state)`` sends every channel and ``decode`` returns dense-shaped
+    tensors with zeros outside the kept blocks.
+    """
+
+    values: str = "fp32"
+
+    def encode_slices(self, blocks: Mapping[str, torch.Tensor], keep: Keep) -> ArrayRecord:
+        return _encode_slices(blocks, keep, np.dtype(np.float32 if self.values == "fp32" else np.float16))
+
+    def decode_slices(self, record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> tuple[State, Keep]:
+        """``(blocks, keep)``: each tensor's kept block and the channel masks it was cut with."""
+        return _decode_slices(record, reference)
+
+
+def slice_codec(values: str = "fp32") -> SliceCodec:
+    """Build (not register) the channel-slice codec sending ``values`` (``channel_slice_<values>``)."""
+    if values not in SLICE_VALUES:
+        raise ValueError(f"channel-slice values must be one of {SLICE_VALUES}, got {values!r}")
+    dtype = np.dtype(np.float32 if values == "fp32" else np.float16)
+
+    def decode(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> State:
+        blocks, keep = _decode_slices(record, reference)
+        return unslice_state(blocks, keep, {name: torch.zeros_like(t) for name, t in reference.items()})
+
+    return SliceCodec(f"channel_slice_{values}", lambda state: _encode_slices(state, full_keep(state), dtype),
+                      decode, values=values)
+
+
+def _slice_indices(masks: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    return [m.nonzero().reshape(-1) for m in masks]
+
+
+def _slice_grid(index: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Advanced index selecting the outer product of per-dimension indices (leading dims)."""
+    if len(index) == 1:
+        return (index[0],)
+    return (index[0][:, None], index[1][None, :])
+
+
+def _slice(tensor: torch.Tensor, masks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    if len(masks) != sliced_dims(tensor.shape) or any(m.numel() != tensor.shape[d] for d, m in enumerate(masks)):
+        raise ValueError(f"channel masks of sizes {[m.numel() for m in masks]} do not fit a tensor of shape "
+                         f"{tuple(tensor.shape)}")
+    index = _slice_indices(masks)
+    return tensor[_slice_grid(index)] if index else tensor
+
+
+def _encode_slices(blocks: Mapping[str, torch.Tensor], keep: Keep, dtype: np.dtype) -> ArrayRecord:
+    values, bits, buffers = [], [], []
+    for name, block in blocks.items():
+        masks = keep[name]
+        if not block.is_floating_point():
+            if not all(bool(m.all()) for m in masks):
+                raise ValueError(f"non-floating tensor {name!r} is sent whole; it cannot lose channels")
+            buffers.append(block.detach().reshape(-1).to(torch.int64))
+            continue
+        expected = tuple(int(m.sum()) for m in masks) + tuple(block.shape[len(masks):])
+        if tuple(block.shape) != expected:
+            raise ValueError(f"block {name!r} has shape {tuple(block.shape)}, its channel masks keep {expected}")
+        values.append(block.detach().reshape(-1).to(torch.float32))
+        bits.extend(m.to(torch.bool) for m in masks)
+    flat_bits = torch.cat(bits).numpy() if bits else np.zeros(0, dtype=bool)
+    arrays = {
+        _SLICE_VALUES_KEY: Array((torch.cat(values) if values else torch.zeros(0)).numpy().astype(dtype)),
+        _SLICE_BITMAP_KEY: Array(np.packbits(flat_bits, bitorder="little")),
+    }
+    if buffers:
+        arrays[_SLICE_BUFFERS_KEY] = _to_array(torch.cat(buffers))
+    return ArrayRecord(arrays)
+
+
+def _decode_slices(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> tuple[State, Keep]:
+    floats = [(name, ref) for name, ref in reference.items() if ref.is_floating_point()]
+    n_bits = sum(ref.shape[d] for _, ref in floats for d in range(sliced_dims(ref.shape)))
+    packed = record[_SLICE_BITMAP_KEY].numpy()
+    if packed.shape != ((n_bits + 7) // 8,):
+        raise ValueError(f"channel bitmap holds {packed.size} bytes, the model needs {(n_bits + 7) // 8}: "
+                         f"was it encoded for another model?")
+    bits = torch.from_numpy(np.unpackbits(packed, count=n_bits, bitorder="little").astype(bool))
+    values = torch.from_numpy(record[_SLICE_VALUES_KEY].numpy())
+    keep: Keep = {}
+    blocks: State = {}
+    bit, start = 0, 0
+    for name, ref in floats:
+        masks = []
+        for d in range(sliced_dims(ref.shape)):
+            masks.append(bits[bit:bit + ref.shape[d]].clone())
+            bit += ref.shape[d]
+        keep[name] = tuple(masks)
+        shape = tuple(int(m.sum()) for m in masks) + tuple(ref.shape[len(masks):])
+        count = int(np.prod(shape, dtype=np.int64))
+        if start + count > values.numel():
+            raise ValueError(f"channel-slice payload ends inside {name!r}: was it encoded for another model?")
+        blocks[name] = values[start:start + count].reshape(shape).to(ref.dtype)
+        start += count
+    if start != values.numel():
+        raise ValueError(f"channel-slice payload holds {values.numel()} values, its bitmap keeps {start}")
+    others = _decode_buffers(record, {n: r for n, r in reference.items() if not r.is_floating_point()}) \
+        if _SLICE_BUFFERS_KEY in record else {}
+    for name, ref in reference.items():
+        if not ref.is_floating_point():
+            if name not in others:
+                raise ValueError(f"channel-slice payload lacks the buffer {name!r}")
+            blocks[name] = others[name]
+            keep[name] = full_keep({name: ref})[name]
+    return {name: blocks[name] for name in reference}, {name: keep[name] for name in reference}
+
+
+CHANNEL_SLICE_FP32 = register_codec(slice_codec("fp32"))
+CHANNEL_SLICE_FP16 = register_codec(slice_codec("fp16"))
+# == end of channel-slice codecs ================================================================

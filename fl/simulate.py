@@ -53,8 +53,8 @@ def main(cfg: DictConfig) -> None:
     except BaseException as exc:
         Path(run_dir, "error.txt").write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
         raise
-    choices = HydraConfig.get().runtime.choices
-    print(f"done: {choices.get('strategy')} on {server.client.data.name}, {server.client.data.num_clients} clients, "
+    strategy = getattr(server.make_strategy, "func", server.make_strategy).__name__
+    print(f"done: {strategy} on {server.client.data.name}, {server.client.data.num_clients} clients, "
           f"{summary['rounds']} rounds, engine {engine.name}: accuracy {summary['final_accuracy']:.4f} "
           f"(best {summary['best_accuracy']:.4f}), up {summary['cum_up_bytes'] / 2**20:.2f} MiB, "
           f"down {summary['cum_down_bytes'] / 2**20:.2f} MiB, {summary['wall_s']:.1f} s -> {run_dir}")

@@ -129,10 +129,11 @@ def test_user_plugin_from_test_file(tmp_path):
     ("model.name=resnet1000", "model.name"),
     ("data.name=imagenet77", "data.name"),
     ("strategy._target_=nowhere.Strategy", "strategy._target_"),
+    ("strategy=feddst strategy.sparsity=1.5", "strategy.sparsity"),
 ])
 def test_bad_input_one_clear_error(tmp_path, override, key):
     run_dir = tmp_path / "run"
-    result = run_cli(["num_clients=10", "rounds=1", override, f"hydra.run.dir={run_dir}"])
+    result = run_cli(["num_clients=10", "rounds=1", *override.split(), f"hydra.run.dir={run_dir}"])
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}:")

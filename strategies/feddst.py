@@ -1,0 +1,316 @@
+"""FedDST (Bibikar et al., "Federated Dynamic Sparse Training: Computing Less, Communicating Less,
+Yet Learning Better", AAAI 2022), Algorithm 1, server side; the client side is the ``masked``
+trainer (``clients/masked_trainer.py``).
+
+One global sparse model (weights w, mask m) at target sparsity S. Per round t = 1..T:
+
+    init (t = 1):  per-layer budgets K_l from the ERK allocation below; the first global mask keeps
+                   each layer's K_l initial weights of largest magnitude (as the authors' code
+                   prunes its initial model) and w <- w * m
+    configure:     sample clients with the run's seeded sampler; round t readjusts masks iff
+                       t mod R_adj == 0,  t <= R_end  and  alpha_t > 0,
+                   alpha_t = alpha/2 (1 + cos(pi t / R_end)) (``alpha_schedule: cosine``, the paper's
+                   annealing) or alpha (``constant``). Each client receives the values of w at m, and
+                   the bitmap of m only when it does not already hold this version of m (a
+                   per-client payload; versions are confirmed by the client's reply)
+    train:         the client trains E epochs with off-mask weights held at 0; on a readjustment
+                   round it then prunes n_l = ceil(alpha_t K_l) active weights of smallest |w| and
+                   grows as many inactive ones of largest dense-gradient |g| (at 0), and uploads
+                   values + mask; on other rounds values only (its mask is the global one)
+    aggregate:     for every masked coordinate i, with client masks m_k, weights w_k, samples n_k,
+                       w_i = sum_k n_k m_k,i w_k,i / sum_k n_k m_k,i      (0 where no client holds i)
+                   every unmasked tensor (biases, normalization, layers ERK leaves dense):
+                       w = sum_k n_k w_k / sum_k n_k
+    server update: re-prune each layer to its budget by magnitude: the new m_l keeps the K_l
+                   coordinates of largest |w_i| (ties: larger sum_k n_k m_k,i, then lower flat index,
+                   so a coordinate a client grew outranks one nobody holds), and w <- w * m.
+                   Without readjustment every client returns the global mask, so m cannot change;
+                   the mask version increments whenever m changes.
+
+ERK allocation (Evci et al., "Rigging the Lottery", ICML 2020, Sec. 3, as in RigL's code): the
+prunable tensors are the floating tensors with two or more dimensions (conv and linear weights,
+the first conv and the classifier included); biases and normalization parameters stay dense. A
+tensor of shape (n_1, ..., n_d) with N_l = prod n_j entries gets density
+    d_l = eps * (n_1 + ... + n_d) / (n_1 * ... * n_d)
+with eps such that sum_l d_l N_l = (1 - S) sum_l N_l. A tensor whose d_l would exceed 1 is made
+dense (d_l = 1, as are the tensors named in ``dense_layers``) and eps is solved again over the rest
+until none exceeds 1. K_l = d_l N_l rounded by largest remainder, so the K_l add up to
+round((1 - S) sum_l N_l) exactly. For ``cnn_small`` at S = 0.8 this leaves the first conv
+(864 weights) and the classifier (2,200) dense and makes the two other convs and the hidden
+linear layer 77-89% sparse. Dense tensors carry no mask (no bitmap bits).
+
+The mask of every layer holds exactly K_l coordinates after every server step; their values are
+nonzero except for coordinates a client has just grown (they start at 0 and train next round).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from clients.masked_trainer import MASK_VERSION, MASKED, READJUST_ALPHA
+from clients.trainer import TRAINER
+from fl.errors import ConfigError
+from fl.keys import ARRAYS, CONFIG, METRICS
+from fl.payload import BitmapCodec, Masks, State, get_codec, has_bitmap
+from strategies.base import weighted_mean
+from strategies.fedavg import FedAvg
+
+ALPHA_SCHEDULES = ("cosine", "constant")
+# Model codec names the run config may give (codec.down / codec.up) -> the bitmap codec FedDST uses.
+_VALUE_CODECS = {"dense_fp32": "bitmap_fp32", "fp16": "bitmap_fp16", "bitmap_fp32": "bitmap_fp32",
+                 "bitmap_fp16": "bitmap_fp16"}
+
+
+class FedDST(FedAvg):
+    def __init__(self, *, sparsity: float = 0.8, alpha: float = 0.01, r_adj: int = 15, r_end: int | None = None,
+                 num_rounds: int | None = None, alpha_schedule: str = "cosine",
+                 dense_layers: Sequence[str] = (), **kwargs: Any):
+        super().__init__(**kwargs)
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError("strategy.sparsity", f"must be in [0, 1), got {sparsity}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError("strategy.alpha", f"must be in [0, 1], got {alpha}")
+        if int(r_adj) < 1:
+            raise ConfigError("strategy.r_adj", f"must be >= 1, got {r_adj}")
+        if alpha_schedule not in ALPHA_SCHEDULES:
+            raise ConfigError("strategy.alpha_schedule", f"must be one of {', '.join(ALPHA_SCHEDULES)}, got {alpha_schedule!r}")
+        if r_end is None:
+            if num_rounds is None:
+                raise ConfigError("strategy.r_end", "is required when strategy.num_rounds is not given (R_end = rounds/2)")
+            r_end = int(num_rounds) // 2
+        self.sparsity, self.alpha, self.r_adj, self.r_end = float(sparsity), float(alpha), int(r_adj), int(r_end)
+        self.alpha_schedule = alpha_schedule
+        self.dense_layers = tuple(dense_layers)
+        self.down_codec = _bitmap_codec(self.down_codec.name, "codec.down")
+        self.up_codec = _bitmap_codec(self.up_codec.name, "codec.up")
+        # Server state (state_dict): budgets K_l of every prunable tensor, the global mask of the
+        # sparse ones, its version, and the mask version each partition last confirmed holding.
+        self.budgets: dict[str, int] = {}
+        self.mask: Masks | None = None
+        self.mask_version = 0
+        self.held: dict[int, int] = {}
+        self._round_info: dict[str, float] = {}
+
+    # -- configure ---------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        state = arrays.to_torch_state_dict()
+        if self.mask is None:
+            self.initialize(state)
+        self.reference = apply_mask(state, self.mask)
+        nodes = self.sample(grid, server_round, "train", self.fraction_train, self.min_train_nodes)
+        alpha_t = self.readjust_alpha(server_round)
+        config = self.stamp(config, server_round, down=self.down_codec.name, up=self.up_codec.name)
+        config[TRAINER] = MASKED
+        config[MASK_VERSION] = self.mask_version
+        config[READJUST_ALPHA] = alpha_t
+        contents: dict[bool, RecordDict] = {}  # with / without the bitmap, each built once per round
+
+        def content(with_bitmap: bool) -> RecordDict:
+            if with_bitmap not in contents:
+                record = self.down_codec.encode_masked(self.reference, self.mask, with_bitmap=with_bitmap)
+                contents[with_bitmap] = RecordDict({ARRAYS: record, CONFIG: config})
+            return contents[with_bitmap]
+
+        partition_of = self._partition_of()
+        messages = [Message(content(self.held.get(partition_of.get(node, node)) != self.mask_version), node,
+                            MessageType.TRAIN) for node in nodes]
+        bitmaps = sum(1 for m in messages if has_bitmap(m.content[ARRAYS]))
+        self._round_info = {"feddst/readjust_alpha": alpha_t, "feddst/bitmaps_sent": bitmaps}
+        return messages
+
+    def readjust_alpha(self, server_round: int) -> float:
+        """alpha_t on a readjustment round (t mod R_adj == 0 and t <= R_end), else 0."""
+        if server_round % self.r_adj != 0 or server_round > self.r_end:
+            return 0.0
+        if self.alpha_schedule == "constant":
+            return self.alpha
+        return self.alpha / 2 * (1 + math.cos(math.pi * server_round / self.r_end))
+
+    def initialize(self, state: Mapping[str, torch.Tensor]) -> None:
+        """ERK budgets and the first mask: each layer's K_l largest-magnitude initial weights."""
+        self.budgets = erk_budgets({name: tuple(t.shape) for name, t in state.items()
+                                    if t.is_floating_point() and t.dim() >= 2}, self.sparsity, self.dense_layers)
+        self.mask = {name: top_k_mask(state[name].float().abs(), torch.zeros(state[name].shape), k)
+                     for name, k in self.budgets.items() if k < state[name].numel()}
+        self.mask_version = 1
+
+    # -- aggregate ---------------------------------------------------------------------------
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
+        partition_of = self._partition_of()
+        for reply in failed:  # its node may have lost its mask: send the bitmap next time
+            self.held.pop(partition_of.get(reply.metadata.src_node_id, reply.metadata.src_node_id), None)
+        ordered = self.in_partition_order(self.accept(server_round, valid))
+        if len(ordered) < max(self.min_train_nodes, 1):  # too few sound updates: keep w_t and m_t
+            return None, None
+        states, masks, weights = self.decode_sparse_replies(ordered)
+        for reply in ordered:
+            node = reply.metadata.src_node_id
+            self.held[partition_of.get(node, node)] = int(reply.content[METRICS][MASK_VERSION])
+        new_state, new_mask = self.server_update(server_round, states, masks, weights)
+        changed = sum(int((new_mask[name] ^ self.mask[name]).sum()) for name in self.mask)
+        if changed:
+            self.mask_version += 1
+        self.mask = new_mask
+        metrics = self.train_metrics_aggr_fn([reply.content for reply in ordered], self.weighted_by_key)
+        masked = sum(m.numel() for m in self.mask.values())
+        for key, value in {**self._round_info, "feddst/global_mask_changed": changed,
+                           "feddst/mask_version": self.mask_version,
+                           "feddst/density": sum(int(m.sum()) for m in self.mask.values()) / max(masked, 1)}.items():
+            metrics[key] = value
+        return ArrayRecord(new_state), metrics
+
+    def validate(self, reply: Message, layout: Any) -> str | None:
+        """A sound FedDST update decodes against the global mask (or carries its own bitmap), has
+        finite values, reports the mask version it trained on and keeps every layer at its budget."""
+        reason = super().validate(reply, None)
+        if reason is not None:
+            return reason
+        if MASK_VERSION not in reply.content[METRICS]:
+            return f"reply lacks {METRICS!r}[{MASK_VERSION!r}]"
+        try:
+            state, masks = self.up_codec.decode_masked(reply.content[ARRAYS], self.reference, self.mask)
+        except (KeyError, ValueError, TypeError) as exc:
+            return f"sparse payload does not decode ({exc})"
+        for name, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"{name!r} has non-finite values"
+        for name, mask in masks.items():
+            if name not in self.mask or int(mask.sum()) != self.budgets[name]:
+                return f"mask of {name!r} holds {int(mask.sum())} entries, not its budget {self.budgets.get(name)}"
+        return None
+
+    def decode_sparse_replies(self, replies: Sequence[Message]) -> tuple[list[State], list[Masks], list[float]]:
+        """Each client's weights and mask (its bitmap after a readjustment, else the global mask)."""
+        states, masks = [], []
+        for reply in replies:
+            state, mask = self.up_codec.decode_masked(reply.content[ARRAYS], self.reference, self.mask)
+            states.append(state)
+            masks.append(mask)
+        weights = [float(reply.content[METRICS][self.weighted_by_key]) for reply in replies]
+        return states, masks, weights
+
+    def server_update(self, server_round: int, states: Sequence[State], masks: Sequence[Masks],
+                      weights: Sequence[float]) -> tuple[State, Masks]:
+        """Holder-weighted mean of masked tensors, sample-weighted mean of the rest, re-prune to K_l."""
+        unmasked = [name for name in states[0] if name not in self.mask]
+        out = weighted_mean([{name: s[name] for name in unmasked} for s in states], weights) if unmasked else {}
+        new_mask: Masks = {}
+        for name in self.mask:
+            value, holders = holder_weighted_mean([s[name] for s in states], [m[name] for m in masks], weights)
+            new_mask[name] = top_k_mask(value.abs(), holders, self.budgets[name])
+            out[name] = (value * new_mask[name]).to(states[0][name].dtype)
+        return {name: out[name] for name in states[0]}, new_mask
+
+    # -- federated evaluation: the sparse model, with its bitmap --------------------------------
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self.sample(grid, server_round, "evaluate", self.fraction_evaluate, self.min_evaluate_nodes)
+        state = arrays.to_torch_state_dict()
+        record = self.down_codec.encode_masked(state, self.mask) if self.mask else self.down_codec.encode(state)
+        content = RecordDict({ARRAYS: record, CONFIG: self.stamp(config, server_round, down=self.down_codec.name)})
+        return [Message(content, node, MessageType.EVALUATE) for node in nodes]
+
+    # -- checkpointing -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "budgets": dict(self.budgets), "mask_version": self.mask_version,
+                "mask": None if self.mask is None else {k: v.clone() for k, v in self.mask.items()},
+                "held": dict(self.held)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.budgets = {k: int(v) for k, v in state["budgets"].items()}
+        self.mask_version = int(state["mask_version"])
+        self.mask = None if state["mask"] is None else {k: v.to(torch.bool).clone() for k, v in state["mask"].items()}
+        self.held = {int(k): int(v) for k, v in state["held"].items()}
+
+    def _partition_of(self) -> dict[int, int]:
+        return self._directory.partition_of_node if self._directory else {}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def erk_budgets(shapes: Mapping[str, Sequence[int]], sparsity: float, dense_layers: Iterable[str] = ()) -> dict[str, int]:
+    """K_l per prunable tensor: the ERK allocation described in the module docstring."""
+    numel = {name: math.prod(shape) for name, shape in shapes.items()}
+    score = {name: sum(shape) / numel[name] for name, shape in shapes.items()}
+    dense = set()
+    for layer in dense_layers:
+        names = {n for n in shapes if n == layer or n == f"{layer}.weight"}
+        if not names:
+            raise ConfigError("strategy.dense_layers", f"{layer!r} names no conv/linear weight; they are: {', '.join(shapes)}")
+        dense |= names
+    target = round((1.0 - sparsity) * sum(numel.values()))
+    while True:
+        rest = target - sum(numel[name] for name in dense)
+        if rest < 0:
+            raise ConfigError("strategy.dense_layers", f"the dense layers alone exceed the budget of sparsity {sparsity}")
+        free = [name for name in shapes if name not in dense]
+        if not free:
+            break
+        eps = rest / sum(score[name] * numel[name] for name in free)
+        over = {name for name in free if eps * score[name] > 1.0}
+        if not over:
+            break
+        dense |= over
+    budgets = {name: numel[name] for name in dense}
+    if free:
+        exact = {name: eps * score[name] * numel[name] for name in free}
+        floors = {name: min(int(math.floor(v)), numel[name]) for name, v in exact.items()}
+        left = rest - sum(floors.values())
+        by_remainder = sorted(free, key=lambda name: -(exact[name] - floors[name]))  # stable: ties in order
+        for name in by_remainder[:left]:
+            floors[name] += 1
+        budgets.update(floors)
+    return {name: budgets[name] for name in shapes}
+
+
+def holder_weighted_mean(values: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                         weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_k n_k m_k w_k / sum_k n_k m_k, 0 where no client holds a coordinate; sum_k n_k m_k)."""
+    num = torch.zeros(values[0].shape, dtype=torch.float64)
+    den = torch.zeros(values[0].shape, dtype=torch.float64)
+    for value, mask, weight in zip(values, masks, weights):
+        held = mask.to(torch.float64) * weight
+        num.add_(value.to(torch.float64) * held)
+        den.add_(held)
+    mean = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
+    return mean.to(torch.float32), den
+
+
+def top_k_mask(magnitude: torch.Tensor, holders: torch.Tensor, k: int) -> torch.Tensor:
+    """The k coordinates of largest magnitude; ties by larger holder weight, then lower flat index."""
+    flat_mag, flat_hold = magnitude.reshape(-1), holders.reshape(-1)
+    order = torch.sort(flat_hold, descending=True, stable=True).indices
+    order = order[torch.sort(flat_mag[order], descending=True, stable=True).indices]
+    mask = torch.zeros(flat_mag.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.reshape(magnitude.shape)
+
+
+def apply_mask(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> State:
+    return {name: t * masks[name] if name in masks else t for name, t in state.items()}
+
+
+def _bitmap_codec(name: str, key: str) -> BitmapCodec:
+    if name not in _VALUE_CODECS:
+        raise ConfigError(key, f"FedDST sends bitmap + values; {name!r} is not one of {', '.join(_VALUE_CODECS)} "
+                               f"(fp16 and bitmap_fp16 send fp16 values)")
+    codec = get_codec(_VALUE_CODECS[name])
+    assert isinstance(codec, BitmapCodec)
+    return codec
