@@ -62,7 +62,7 @@ class RunLogger:
             if "cum_sim_s" in row:
                 self._tb.add_scalar("acc_vs_sim_time/accuracy", row["accuracy"], int(row["cum_sim_s"]))
         for key, value in row.items():
-            if key.startswith(("train/", "fed_eval/")) and isinstance(value, (int, float)):
+            if key.startswith(("train/", "fed_eval/", "eval/")) and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
 

@@ -82,6 +82,8 @@ class RoundReporter:
         self.spec, self.grid, self.logger, self.plugins, self.view = spec, grid, logger, plugins, view
         self.checkpoint = checkpoint
         self.rejections: dict[int, list[str]] = {}  # the strategy's record of rejected updates, if it keeps one
+        # A strategy may evaluate its own global model: evaluate_global(arrays, test_data) -> {"accuracy", "loss", ...}
+        self.evaluate_global: Callable[[ArrayRecord, ClientData], dict[str, float]] | None = None
         federation = spec.client.data.federation()
         self.test_data = ClientData(federation.test, np.arange(len(federation.test)))
         self.model = view.build_model()
@@ -130,25 +132,29 @@ class RoundReporter:
         if server_round > 0:
             for plugin in self.plugins:
                 plugin_scalars.update(self.logger.log_report(plugin.name, plugin.after_aggregate(self.view, server_round, arrays), server_round))
-        traffic = self.grid.close_round()
-        if server_round > 0:
-            self.cum_up += traffic.up_bytes
-            self.cum_down += traffic.down_bytes
-            self.cum_sim_s += traffic.sim_s
+        traffic = self.grid.close_round()  # round 0 has sent nothing (discovery is control traffic)
+        self.cum_up += traffic.up_bytes
+        self.cum_down += traffic.down_bytes
+        self.cum_sim_s += traffic.sim_s
         evaluated = server_round == 0 or server_round == self.spec.rounds or (
             self.spec.eval_every > 0 and server_round % self.spec.eval_every == 0)
         accuracy = loss = None
+        extra_eval: dict[str, float] = {}
         if evaluated:
-            self.model.load_state_dict(arrays.to_torch_state_dict())
             with torch_threads(self.spec.eval_threads):
-                result = evaluate(self.model, self.test_data)
-            accuracy, loss = result["accuracy"], result["loss"]
+                if self.evaluate_global is not None:  # a strategy whose global model is not the run's model
+                    result = dict(self.evaluate_global(arrays, self.test_data))
+                else:
+                    self.model.load_state_dict(arrays.to_torch_state_dict())
+                    result = evaluate(self.model, self.test_data)
+            accuracy, loss = result.pop("accuracy"), result.pop("loss")
+            extra_eval = {f"eval/{k}": v for k, v in result.items()}
         row: dict[str, Any] = {
             "round": server_round,
             "accuracy": accuracy,
             "loss": loss,
-            "up_bytes": traffic.up_bytes if server_round > 0 else 0,
-            "down_bytes": traffic.down_bytes if server_round > 0 else 0,
+            "up_bytes": traffic.up_bytes,
+            "down_bytes": traffic.down_bytes,
             "cum_up_bytes": self.cum_up,
             "cum_down_bytes": self.cum_down,
             "clients": traffic.clients,
@@ -158,15 +164,16 @@ class RoundReporter:
             "wall_s": round(time.time() - self.started, 4),
         }
         if self.spec.clock is not None:
-            row["sim_s"] = traffic.sim_s if server_round > 0 else 0.0
+            row["sim_s"] = traffic.sim_s
             row["cum_sim_s"] = self.cum_sim_s
+        row.update(extra_eval)
         row.update({f"train/{k}": v for k, v in self.train_metrics.items()})
         row.update({f"fed_eval/{k}": v for k, v in self.eval_metrics.items()})
         self.train_metrics, self.eval_metrics = {}, {}
         for plugin in self.plugins:
             plugin_scalars.update(self.logger.log_report(plugin.name, plugin.after_round(self.view, server_round, row), server_round))
         row.update(plugin_scalars)
-        self.logger.log_round(row, traffic.per_client_up if server_round > 0 else None)
+        self.logger.log_round(row, traffic.per_client_up)
         self.rows.append(row)
         if server_round > 0:
             self.bar.update(1)
@@ -223,6 +230,7 @@ def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin], resume: Chec
     reporter = RoundReporter(spec, metered, logger, plugins, view, checkpoint,
                              resume.reporter if resume is not None else None)
     reporter.rejections = getattr(strategy, "rejections", {})
+    reporter.evaluate_global = getattr(strategy, "evaluate_global", None)
     strategy.aggregate_train = reporter.record_train(strategy.aggregate_train)
     strategy.aggregate_evaluate = reporter.record_evaluate(strategy.aggregate_evaluate)
     runner = strategy if done_rounds == 0 else ResumedRounds(strategy, done_rounds)
