@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from clients.dense import evaluate, train_dense
 from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer
 from fl.keys import CODEC, UP_CODEC
-from fl.payload import decode_shared, get_codec
+from fl.payload import decode_shared, encode_reply, get_codec
 
 
 @register_trainer("dense")
@@ -19,7 +19,8 @@ def dense(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[Ar
         env.before_train(model, config)
         metrics = train_dense(model, env.data, hyper_from(config), env.generator)
         metrics.update(env.after_train(model, metrics))
-        return get_codec(str(config.get(UP_CODEC, "dense_fp32"))).encode(model.state_dict()), metrics
+        up = get_codec(str(config.get(UP_CODEC, "dense_fp32")))
+        return encode_reply(up, model.state_dict(), received, env.state), metrics
 
 
 @register_evaluator("dense")

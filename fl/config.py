@@ -21,7 +21,7 @@ from fl.errors import ConfigError
 from fl.clock import clock_spec
 from fl.faults import FaultSpec
 from fl.hooks import PLUGINS
-from fl.payload import get_codec
+from fl.payload import UpdateCodec, get_codec
 from fl.run import EngineSpec
 from fl.server import ServerSpec
 from fl.specs import ClientSpec, DataSpec, ModelSpec, PluginSpec, freeze
@@ -65,11 +65,16 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
 
     codec = c.get("codec") or {}
     down, up = str(codec.get("down", "dense_fp32")), str(codec.get("up", "dense_fp32"))
-    get_codec(down), get_codec(up)
+    if isinstance(get_codec(down), UpdateCodec):
+        raise ConfigError("codec.down", f"{down!r} encodes client updates and is for codec.up only; "
+                                        "use a weight codec such as dense_fp32, fp16 or int8_weights")
+    get_codec(up)
     make_strategy = _strategy_factory(c["strategy"], dict(
         fraction_train=fraction_fit, fraction_evaluate=fraction_evaluate, min_train_nodes=min_fit,
         min_evaluate_nodes=min_eval if fraction_evaluate > 0 else 0, min_available_nodes=num_clients,
-    ), dict(seed=seed, down_codec=down, up_codec=up))
+    ), dict(seed=seed, down_codec=down, up_codec=up),
+        # given only to strategies that declare them (e.g. DELTA needs the model's architecture)
+        dict(build_model=lambda: model.build_for(federation), test_set=federation.test))
 
     t = c.get("train") or {}
     hyper = TrainHyper(epochs=_int(t, "epochs", minimum=1, prefix="train."),
@@ -131,8 +136,10 @@ def _plugin_spec(name: str, pc: Mapping[str, Any] | None) -> PluginSpec:
     return PluginSpec(name=name, target=target, options=freeze(pc))
 
 
-def _strategy_factory(sc: Mapping[str, Any], flower_kwargs: dict[str, Any],
-                      our_kwargs: dict[str, Any]) -> Callable[[], Strategy]:
+def _strategy_factory(sc: Mapping[str, Any], flower_kwargs: dict[str, Any], our_kwargs: dict[str, Any],
+                      run_kwargs: dict[str, Any] | None = None) -> Callable[[], Strategy]:
+    """``run_kwargs`` (the run's ``build_model``, its central ``test_set``) reach only the strategies
+    whose constructor names them."""
     sc = dict(sc)
     target = sc.pop("_target_", None)
     name = sc.pop("name", None)
@@ -157,6 +164,7 @@ def _strategy_factory(sc: Mapping[str, Any], flower_kwargs: dict[str, Any],
         log.warning("%s is a plain Flower strategy: its client sampling is Flower's unseeded random.sample",
                     cls.__name__)
     params = inspect.signature(cls).parameters
+    kwargs.update({k: v for k, v in (run_kwargs or {}).items() if k in params and k not in sc})
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         for key in sc:
             if key not in params:

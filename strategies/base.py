@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fl.directory import NodeDirectory
 from fl.keys import ARRAYS, CODEC, CONFIG, METRICS, SERVER_ROUND, UP_CODEC
-from fl.payload import State, get_codec
+from fl.payload import State, example_payload, get_codec
 from fl.sampling import sample_partitions
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class PayloadLayout:
 
     @classmethod
     def of(cls, codec, reference: Mapping[str, Any]) -> "PayloadLayout":
-        expected = codec.encode(reference)
+        expected = example_payload(codec, reference)
         bound = max(expected.count_bytes(), get_codec("dense_fp32").encode(reference).count_bytes())
         return cls(codec.name, {k: (a.dtype, list(a.shape)) for k, a in expected.items()}, int(bound * 1.01) + 1024)
 

@@ -67,19 +67,13 @@ class GeometryMonitor(Plugin):
     # -- hooks -------------------------------------------------------------------------------
 
     def on_run_start(self, run: RunView) -> Report | None:
-        test = run.federation.test
-        missing = [p for p in self.clients if not 0 <= p < run.federation.num_clients]
-        if missing:
-            raise ValueError(f"geometry: clients {missing} are not partitions of a {run.federation.num_clients}-client run")
-        rng = np.random.default_rng([self.seed, _SUBSET_TAG])
-        count = min(self.samples, len(test))
-        self._indices = np.sort(rng.choice(len(test), size=count, replace=False))
-        self._previous = run.initial_arrays
-        model = run.load_global(run.initial_arrays)
-        self._previous_geometry = measure(model, self._batches(run), self.layer)
+        self._setup(run)
+        self._previous_geometry = measure(run.load_global(run.initial_arrays), self._batches(run), self.layer)
         return self._global_report(run, self._previous_geometry)
 
     def after_aggregate(self, run: RunView, server_round: int, arrays: ArrayRecord) -> Report | None:
+        if self._indices is None:  # a resumed run skips on_run_start; its initial arrays are the checkpoint
+            self._setup(run)
         previous, previous_geometry = self._previous, self._previous_geometry
         self._previous, self._previous_geometry = arrays, None
         if server_round % self.every and server_round != run.num_rounds:
@@ -101,6 +95,15 @@ class GeometryMonitor(Plugin):
 
     # -- pieces ------------------------------------------------------------------------------
 
+    def _setup(self, run: RunView) -> None:
+        test = run.federation.test
+        missing = [p for p in self.clients if not 0 <= p < run.federation.num_clients]
+        if missing:
+            raise ValueError(f"geometry: clients {missing} are not partitions of a {run.federation.num_clients}-client run")
+        rng = np.random.default_rng([self.seed, _SUBSET_TAG])
+        self._indices = np.sort(rng.choice(len(test), size=min(self.samples, len(test)), replace=False))
+        self._previous = run.initial_arrays
+
     def client_model(self, run: RunView, received: ArrayRecord, server_round: int, partition: int) -> nn.Module:
         """The model ``partition`` trains in ``server_round`` from ``received`` (see the module docstring)."""
         model = run.load_global(received)
@@ -113,8 +116,10 @@ class GeometryMonitor(Plugin):
         test = run.federation.test
         for start in range(0, len(self._indices), self.batch):
             idx = self._indices[start:start + self.batch]
-            x, y = test.get(idx)
-            yield (x if images is None else images[start:start + self.batch]), y
+            if images is None:
+                yield test.get(idx)
+            else:
+                yield images[start:start + self.batch], torch.from_numpy(test.labels[idx])
 
     def _global_report(self, run: RunView, geo: Geometry) -> Report:
         scalars = {f"global/{k}": v for k, v in summarize(geo, run.federation.num_classes, self.per_class).items()}
