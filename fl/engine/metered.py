@@ -163,7 +163,10 @@ class MeteredGrid(Grid):
 
     def _partition(self, node_id: int) -> int:
         partition_of = getattr(self.inner, "partition_of", None)
-        return partition_of(node_id) if partition_of is not None else self._partition_of[node_id]
+        if partition_of is not None:
+            return partition_of(node_id)
+        # A deployed node with only a local data folder reports no partition: a stable stand-in.
+        return self._partition_of.get(node_id, node_id % max(len(self._profiles), 1))
 
     def __getattr__(self, name: str):  # e.g. InProcessGrid.partition_of
         if name == "inner":

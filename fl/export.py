@@ -1,0 +1,207 @@
+"""``python -m fl.export``: the edge model to TorchScript and ONNX for on-device inference.
+
+    python -m fl.export --run runs/2026-01-01_12-00-00_fedavg           # a run's final global model
+    python -m fl.export --model cnn_small --num-classes 10 --out exports  # an untrained one (shapes)
+
+writes into ``--out`` (default: ``<run>/export``, else ``export``):
+
+| file | contents |
+|---|---|
+| ``<model>.torchscript.pt`` | TorchScript (traced and frozen): ``torch.jit.load`` on Android/iOS PyTorch or any Python |
+| ``<model>.onnx`` | ONNX (``torch.onnx`` with ``torch.export``), input ``image``, output ``logits``, dynamic batch |
+| ``<model>.json`` | input shape and range, normalization, class count, source, versions, and the verification below |
+
+With ``--run`` the dataset's per-channel normalization is folded into the exported graph, so a
+phone feeds float32 RGB pixels in [0, 1], ``[N, C, H, W]``, and gets logits. After writing,
+each file is loaded back (TorchScript by torch, ONNX by onnxruntime when it is installed) and
+its outputs on random input compared with the PyTorch model; the largest difference is recorded
+and an export that disagrees beyond ``--atol`` fails.
+
+The edge model is the run's model (the model a device trains; under the DELTA strategy, its edge
+model). The fused edge+DELTA model of a tier (``--tier``) needs the DELTA strategy (issue 4) and
+is not exported yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from fl.errors import ConfigError
+
+FORMATS = ("torchscript", "onnx")
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+DEFAULT_ATOL = 1e-4
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)``: the training-time normalization as part of the graph."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def export_model(model: nn.Module, out: str | Path, *, name: str, input_shape: tuple[int, int, int],
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 formats: Sequence[str] = FORMATS, atol: float = DEFAULT_ATOL,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``model`` (eval mode, normalization folded in when given) in ``formats``; returns the
+    metadata also written to ``<out>/<name>.json``."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError("formats", f"unknown {unknown}; allowed: {', '.join(FORMATS)}")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    module = (Normalized(model, mean, std) if mean is not None else model).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.rand(2, *input_shape, generator=generator)
+    check = torch.rand(5, *input_shape, generator=generator)  # another batch size: the batch axis is dynamic
+    with torch.no_grad():
+        expected = module(check)
+    meta: dict[str, Any] = {
+        "model": name,
+        "input": {"name": INPUT_NAME, "shape": ["batch", *input_shape], "dtype": "float32",
+                  "range": [0.0, 1.0] if mean is not None else "normalized as in training",
+                  "normalization": None if mean is None else {"mean": list(mean), "std": list(std)}},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", int(expected.shape[1])], "meaning": "class logits"},
+        "torch": torch.__version__,
+        "files": {},
+        "max_abs_diff": {},
+        **(extra or {}),
+    }
+    writers = {"torchscript": _torchscript, "onnx": _onnx}
+    for fmt in formats:
+        path = folder / f"{name}.{'torchscript.pt' if fmt == 'torchscript' else 'onnx'}"
+        writers[fmt](module, example, path)
+        meta["files"][fmt] = path.name
+        got = run_exported(path, check)
+        if got is None:
+            meta["max_abs_diff"][fmt] = None  # onnxruntime not installed: not verified
+            continue
+        diff = float((got - expected).abs().max())
+        meta["max_abs_diff"][fmt] = diff
+        if not diff <= atol:
+            raise RuntimeError(f"{path}: exported outputs differ from PyTorch's by {diff:.3g} (> {atol})")
+    (folder / f"{name}.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta
+
+
+def run_exported(path: str | Path, x: torch.Tensor) -> torch.Tensor | None:
+    """Outputs of an exported file on ``x``: TorchScript by torch, ONNX by onnxruntime (None if absent)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        try:
+            import onnxruntime
+        except ImportError:
+            return None
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still supported
+        loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        return loaded(x)
+
+
+def _torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.freeze(torch.jit.trace(module, example))
+        traced.save(str(path))
+
+
+def _onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise ConfigError("formats", "ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      dynamic_shapes=({0: batch},), dynamo=True, verbose=False, optimize=True)
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A run's final global model and what the export needs about it (shape, normalization)."""
+    from omegaconf import OmegaConf
+
+    from fl.config import build
+
+    folder = Path(run_dir)
+    for needed in ("config.yaml", "final_model.pt"):
+        if not (folder / needed).is_file():
+            raise ConfigError("--run", f"{folder} has no {needed} (a finished run directory has both)")
+    spec, _, _ = build(OmegaConf.load(folder / "config.yaml"), str(folder))
+    federation = spec.client.data.federation()
+    model = spec.client.model.build_for(federation)
+    model.load_state_dict(torch.load(folder / "final_model.pt", map_location="cpu"))
+    return model, {"name": spec.client.model.name,
+                   "input_shape": (federation.channels, federation.image_size, federation.image_size),
+                   "mean": federation.train.mean, "std": federation.train.std,
+                   "extra": {"num_classes": federation.num_classes, "dataset": federation.name,
+                             "source": str(folder.resolve() / "final_model.pt")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fl.export", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a finished run directory (config.yaml + final_model.pt)")
+    source.add_argument("--model", help="a zoo model name (fl.models.list_models()), freshly initialized")
+    parser.add_argument("--weights", help="with --model: a state_dict file to load (e.g. a run's final_model.pt)")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--in-channels", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--out", help="output folder (default: <run>/export, else ./export)")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="largest accepted output difference")
+    parser.add_argument("--tier", type=int, help="fused edge+DELTA model of this tier (needs DELTA, issue 4)")
+    args = parser.parse_args(argv)
+    try:
+        if args.tier is not None:
+            raise ConfigError("--tier", "the fused edge+DELTA export needs the DELTA strategy (issue 4), which this "
+                                        "build does not have yet; export the edge model without --tier")
+        if args.run:
+            model, info = load_run(args.run)
+            out = args.out or str(Path(args.run) / "export")
+        else:
+            from fl.models import get_model
+
+            torch.manual_seed(0)
+            model = get_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels,
+                              image_size=args.image_size)
+            if args.weights:
+                model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+            info = {"name": args.model, "input_shape": (args.in_channels, args.image_size, args.image_size),
+                    "mean": None, "std": None,
+                    "extra": {"num_classes": args.num_classes, "source": args.weights or "random initialization"}}
+            out = args.out or "export"
+        meta = export_model(model, out, name=info["name"], input_shape=info["input_shape"], mean=info["mean"],
+                            std=info["std"], formats=args.formats, atol=args.atol, extra=info["extra"])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for fmt, file in meta["files"].items():
+        diff = meta["max_abs_diff"][fmt]
+        checked = "not verified (pip install onnxruntime)" if diff is None else f"max |diff| vs PyTorch {diff:.2e}"
+        print(f"{fmt}: {Path(out) / file} ({checked})")
+    print(f"metadata: {Path(out) / (info['name'] + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
