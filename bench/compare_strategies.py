@@ -20,7 +20,7 @@ import yaml
 def load(run_dir: Path) -> tuple[str, list[dict]]:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     name = config["strategy"]["_target_"].rsplit(".", 1)[-1]
-    model = config["model"]["name"]
+    model = config["model"]["name"] + (f"/{config['model']['role']}" if config["model"].get("role") else "")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return f"{name} ({model})", rows
 
@@ -33,6 +33,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--reference", default="FedAvg", help="strategy class whose final accuracy is the target")
+    parser.add_argument("--levels", default="", help="comma-separated accuracies, e.g. 0.5,0.6,0.7: a second "
+                                                     "table of the total MiB each run needed to first reach each")
     args = parser.parse_args()
     runs = [load(d) for d in sorted(p for p in args.sweep_dir.iterdir() if (p / "metrics.jsonl").exists())]
     reference = next(rows for name, rows in runs if name.lower().startswith(args.reference.lower()))
@@ -48,6 +50,18 @@ def main() -> None:
             if hit else (f"not reached (best {max(r['accuracy'] for r in evaluated):.4f})", "-")
         print(f"| {name} | {evaluated[-1]['accuracy']:.4f} | {max(r['accuracy'] for r in evaluated):.4f} | "
               f"{mib(last['cum_up_bytes'])} | {mib(last['cum_up_bytes'] + last['cum_down_bytes'])} | {reach[0]} | {reach[1]} |")
+    levels = [float(v) for v in args.levels.split(",") if v.strip()]
+    if levels:
+        print()
+        print("| run | " + " | ".join(f"total MiB to {100 * v:g}%" for v in levels) + " |")
+        print("|---|" + "---:|" * len(levels))
+        for name, rows in runs:
+            cells = []
+            for level in levels:
+                hit = next((r for r in rows if r["accuracy"] is not None and r["accuracy"] >= level), None)
+                cells.append(f"{mib(hit['cum_up_bytes'] + hit['cum_down_bytes'])} (round {hit['round']})"
+                             if hit else "not reached")
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {10: 1.0, 100: 0.8, 1000: 0.1}  # the workloads: N=10 all, N=100 80%, N=1000 100/round
+SIZES = {10: 1.0, 100: 0.8, 1000: 0.1}
+# The workload, which bench/plain_loop.py runs with clients.dense.TrainHyper's defaults.
+WORKLOAD = ["train.epochs=1", "train.batch_size=32", "train.lr=0.05", "train.momentum=0.0", "checkpoint_every=0",
+            "data.partition.name=shards", "+data.partition.classes_per_client=3"]  # the workloads: N=10 all, N=100 80%, N=1000 100/round
 
 
 def tree_pss(proc: psutil.Process) -> int:
@@ -77,7 +80,7 @@ def plain(n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str]) 
 def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str]) -> dict:
     run_dir = tmp / f"{name}_{n}"
     _, peak = run_measured([sys.executable, "-m", "fl.simulate", f"engine={name}", f"num_clients={n}",
-                            f"fraction_fit={fraction}", f"rounds={rounds}", "eval_every=0", "progress=false",
+                            f"fraction_fit={fraction}", f"rounds={rounds}", "eval_every=0", "progress=false", *WORKLOAD,
                             f"hydra.run.dir={run_dir}"], env)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     walls = [r["wall_s"] for r in rows]

@@ -2,13 +2,15 @@
 
 from fl.registry import Registry
 from strategies.base import FederatedStrategy, weighted_mean
+from strategies.delta import DeltaFactorized
 from strategies.fedavg import FedAvg
 from strategies.feddst import FedDST
 from strategies.hermes import Hermes
 
 STRATEGIES: Registry[type] = Registry("strategy", "strategy")
+STRATEGIES.register("delta")(DeltaFactorized)
 STRATEGIES.register("fedavg")(FedAvg)
 STRATEGIES.register("feddst")(FedDST)
 STRATEGIES.register("hermes")(Hermes)
 
-__all__ = ["STRATEGIES", "FederatedStrategy", "FedAvg", "FedDST", "Hermes", "weighted_mean"]
+__all__ = ["STRATEGIES", "DeltaFactorized", "FederatedStrategy", "FedAvg", "FedDST", "Hermes", "weighted_mean"]

@@ -39,7 +39,7 @@ from fl.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("num_clients=2 fraction_fit=1.0 data.samples_per_client=8 data.test_size=32 "
-        "data.partition.classes_per_client=5 checkpoint_every=0")
+        "checkpoint_every=0")
 PROFILES = [{"name": "pi", "macs_per_s": 1e9}, {"name": "phone", "macs_per_s": 4e9},
             {"name": "jetson", "macs_per_s": 2e10}, {"name": "laptop", "macs_per_s": 6e10}]
 

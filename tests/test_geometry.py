@@ -148,7 +148,7 @@ def test_misclassified_samples_have_larger_angle_and_smaller_length():
     torch.manual_seed(0)
     model = get_model("cnn_small", num_classes=10, width=0.25, hidden=32)
     train_dense(model, ClientData(federation.train, np.arange(len(federation.train))),
-                TrainHyper(epochs=4, batch_size=32, lr=0.05, momentum=0.9), torch.Generator().manual_seed(0))
+                TrainHyper(epochs=8, batch_size=32, lr=0.05, momentum=0.9), torch.Generator().manual_seed(0))
     test = ClientData(federation.test, np.arange(len(federation.test)))
     geo = measure(model, test.batches(250, None))
     stats = summarize(geo, 10)

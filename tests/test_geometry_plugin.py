@@ -46,7 +46,8 @@ def test_client_replica_is_the_model_the_client_trained(tmp_path):
     _, run_dir = run_inprocess(tmp_path, ["num_clients=1", "data.partition.name=iid", "~data.partition.classes_per_client", "min_fit_clients=1", "fraction_fit=1.0", "train.lr=0.1",
                                           "train.momentum=0.5", "+plugins.check._target_=tests.test_geometry_plugin.ReplicaCheck",
                                           "+plugins.check.lr=${train.lr}", "+plugins.check.momentum=${train.momentum}",
-                                          "+plugins.check.seed=${seed}"])
+                                          "+plugins.check.seed=${seed}", "+plugins.check.epochs=${train.epochs}",
+                                          "+plugins.check.batch_size=${train.batch_size}"])
     rows = read_metrics(run_dir)
     diffs = [r["plugin/check/max_abs_diff"] for r in rows if r["round"] > 0]
     assert len(diffs) == 2 and all(math.isfinite(d) and d < 1e-6 for d in diffs), diffs

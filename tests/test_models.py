@@ -102,7 +102,8 @@ def test_train_step_reaches_every_parameter(name):
     model = _fresh(name).train()
     loss = nn.functional.cross_entropy(model(_batch()), torch.tensor([0, 1]))
     loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+    unused = getattr(model, "unused_in_forward", ())  # e.g. the edge model's own classifier inside delta_fused
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith(unused))
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

@@ -1,0 +1,185 @@
+"""The ``delta`` trainer and evaluator: a DELTA-factorized client (XDELTA's federated use case).
+
+One round on client k with tier width w_k:
+
+    1. decode the download (channel-slice codec): the DELTA's width-w_k prefix blocks, and E + the
+       base classifier when the server says this client lacks their current version; those are
+       kept in the node's persistent state (Flower ``Context.state``) for later rounds
+    2. build the width-w_k fused model (``fl.delta.network.FusedDelta`` of ``arch.scaled(w_k)``)
+    3. E epochs of SGD on the client's training split with E and the base classifier frozen:
+           CE(base_classifier(fused), y) + lambda_FNC * L_FNC + lambda_SR * group lasso
+       (the central construction's MSE to the base's features needs the base, which a client does
+       not hold; the labels take its place). On edge-training rounds E trains too.
+    4. upload the DELTA's width-w_k blocks (+ E on edge rounds), nothing else
+
+The evaluator scores the received width-w_k fused model on the client's held-out split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord
+
+from clients.dense import ClientData
+from clients.resident import borrowed_model
+from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer
+from fl.data import client_split
+from fl.delta.network import DeltaArch, FusedDelta, fnc_loss, fuse, group_lasso
+from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE,
+                             VAL_FRACTION, WIDTH, WITH_FROZEN, download_layout, is_frozen, same_keep,
+                             template_state, upload_layout)
+from fl.keys import CODEC, NUM_EXAMPLES, UP_CODEC
+from fl.payload import SliceCodec, get_codec
+
+NAME = "delta"  # the trainer and evaluator name the server puts in config["trainer"]
+TIER_WIDTH = "tier_width"  # metric: the client's width
+
+
+@dataclass(frozen=True)
+class DeltaClientSettings:
+    arch_json: str
+    width: float
+    with_frozen: bool
+    frozen_version: int
+    train_edge: bool
+    fnc: float
+    sr: float
+    val_fraction: float
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "DeltaClientSettings":
+        return cls(str(config[ARCH]), float(config[WIDTH]), bool(config[WITH_FROZEN]), int(config[FROZEN_VERSION]),
+                   bool(config.get(TRAIN_EDGE, False)), float(config[FNC_WEIGHT]), float(config[SR_WEIGHT]),
+                   float(config[VAL_FRACTION]))
+
+
+@register_trainer(NAME)
+def delta(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[ArrayRecord, dict[str, float]]:
+    s = DeltaClientSettings.from_config(config)
+    full = template_state(s.arch_json)
+    with tier_model(s) as model:
+        # 1-2. the width-w fused model with E and the classifier this node holds
+        model.load_state_dict(receive(arrays, config, env, s, full))
+        # 3. local training, E (unless an edge round) and the base classifier frozen
+        train_data, _ = local_splits(env, s.val_fraction)
+        env.before_train(model, config)
+        metrics = train_fused(model, train_data, config, s, env.generator)
+        metrics.update({TIER_WIDTH: s.width, NUM_EXAMPLES: len(train_data)})
+        metrics.update(env.after_train(model, metrics))
+        # 4. upload the width-w blocks (+ E on edge rounds)
+        reference, keep = upload_layout(full, s.arch_json, s.width, s.train_edge)
+        state = model.state_dict()
+        blocks = {name: state[name] for name in reference}
+        return codec(config, UP_CODEC).encode_slices(blocks, keep), metrics
+
+
+@register_evaluator(NAME)
+def delta_evaluate(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> dict[str, float]:
+    """The received width-w fused model on this client's held-out split."""
+    s = DeltaClientSettings.from_config(config)
+    full = template_state(s.arch_json)
+    with tier_model(s) as model:
+        model.load_state_dict(receive(arrays, config, env, s, full))
+        _, held_out = local_splits(env, s.val_fraction)
+        return {**evaluate_fused(model, held_out), TIER_WIDTH: s.width, NUM_EXAMPLES: len(held_out)}
+
+
+# -- steps -------------------------------------------------------------------------------------------------
+
+def receive(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv, s: DeltaClientSettings,
+            full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The width-w model's whole state: the received DELTA blocks, E and the classifier (received
+    now, or kept from an earlier round in the node's state)."""
+    reference, keep = download_layout(full, s.arch_json, s.width, s.with_frozen)
+    blocks, got = codec(config, CODEC).decode_slices(arrays, reference)
+    if not same_keep(got, keep):
+        raise ValueError(f"the download is not the width-{s.width} slice this client expects")
+    if s.with_frozen:
+        env.state[FROZEN_STATE] = ArrayRecord({n: t.contiguous() for n, t in blocks.items() if is_frozen(n)})
+        env.state[FROZEN_META] = ConfigRecord({"version": s.frozen_version})
+        return blocks
+    meta = env.state[FROZEN_META] if FROZEN_META in env.state else None
+    if FROZEN_STATE not in env.state or meta is None or int(meta["version"]) != s.frozen_version:
+        have = None if meta is None else int(meta["version"])
+        raise RuntimeError(f"this node holds version {have} of the edge model and base classifier, the round "
+                           f"needs version {s.frozen_version}; the server sends them when it believes a node lacks them")
+    return {**env.state[FROZEN_STATE].to_torch_state_dict(), **blocks}
+
+
+def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: DeltaClientSettings,
+                generator: torch.Generator) -> dict[str, float]:
+    hyper = hyper_from(config)
+    model.freeze(edge=not s.train_edge)
+    model.train()
+    if not s.train_edge:
+        model.edge.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=hyper.lr, momentum=hyper.momentum, weight_decay=hyper.weight_decay)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for _ in range(hyper.epochs):
+        for x, y in data.batches(hyper.batch_size, generator):
+            if s.train_edge:
+                parts = model.branches(x)
+            else:
+                with torch.no_grad():
+                    edge = model.edge_outputs(x)
+                parts = fuse(model, model.delta(x), *edge)
+            logits = model.classifier(parts.fused)
+            loss = F.cross_entropy(logits, y)
+            if s.fnc:
+                loss = loss + s.fnc * fnc_loss(parts.delta_out, parts.edge_out)
+            if s.sr:
+                loss = loss + s.sr * group_lasso(model.delta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+    model.eval()
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def evaluate_fused(model: FusedDelta, data: ClientData, batch_size: int = 512) -> dict[str, float]:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for x, y in data.batches(batch_size, None):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+    n = max(len(data), 1)
+    return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+def tier_model(s: DeltaClientSettings):
+    """A resident width-w fused model (weights are whatever the last user left: load them)."""
+    arch = DeltaArch.from_json(s.arch_json)
+    tier = arch if s.width == 1.0 else arch.scaled(s.width)
+    return borrowed_model((NAME, s.arch_json, s.width), lambda: FusedDelta(tier))
+
+
+def local_splits(env: ClientEnv, val_fraction: float) -> tuple[ClientData, ClientData]:
+    """(training split, held-out split) of this client's samples, fixed by the run seed; with no
+    held-out share, both are all of its samples."""
+    if val_fraction <= 0:
+        return env.data, env.data
+    train_idx, held_idx = client_split(env.federation, env.partition_id, val_fraction, env.spec.seed)
+    images = env.federation.train
+    return ClientData(images, np.asarray(train_idx)), ClientData(images, np.asarray(held_idx))
+
+
+def codec(config: ConfigRecord, key: str) -> SliceCodec:
+    c = get_codec(str(config[key]))
+    if not isinstance(c, SliceCodec):
+        raise ValueError(f"the delta trainer sends channel slices; {key}={c.name!r} is not a channel-slice codec")
+    return c
+
+
+__all__ = ["NAME", "DeltaClientSettings", "delta", "delta_evaluate", "receive", "train_fused"]

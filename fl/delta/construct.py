@@ -1,0 +1,299 @@
+"""Building a DELTA centrally from a pretrained (base, edge) pair, and the XDELTA report.
+
+    1. subgraph extraction from the base (``fl.delta.extract``: learned sparsity over candidate
+       rates, l2 masks, physical pruning, fine-tuning, truncation to the size budget, BN folding)
+    2. DELTA training with E and B frozen (``train_delta``):
+           MSE(fused, B's features) + lambda_FNC * L_FNC + lambda_SR * group lasso
+    3. channels ordered by importance, so that width tiers are prefixes (``order_by_importance``)
+    4. the report: base, edge and fused accuracy, the gain over E, P_D/E, F_D/E, P_D/B, F_D/B, the
+       correlation between the DELTA and edge features on samples E gets wrong and B right, the
+       accuracy of every width tier, and the knowledge-distillation baseline (E distilled from B).
+
+Everything is cached under ``<pair dir>/delta-<hash of these settings>/``: ``fused.pt`` (the
+FusedDelta state), ``arch.json`` and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fl.delta.extract import ExtractSettings, build_delta, finetune_pruned, learn_sparsity, prune_base, summary
+from fl.delta.network import (DeltaArch, DeltaLossWeights, FusedDelta, delta_macs, delta_objective, delta_params,
+                              fuse, order_by_importance, tier_model)
+from fl.delta.pair import Pair, PairSpec, Recipe, _atomic_save, _atomic_write, _plain, accuracy, digest, \
+    ensure_pair, predict, server_split, tensors, train_classifier
+from fl.errors import ConfigError
+
+log = logging.getLogger("fl.delta")
+
+DEFAULT_TIERS = (1.0, 1 / math.sqrt(2), 0.5, 1 / (2 * math.sqrt(2)))
+
+
+@dataclass(frozen=True)
+class DeltaTrainSettings:
+    epochs: int = 30
+    lr: float = 2e-3  # Adam, cosine-annealed
+    batch_size: int = 64
+    mse: float = 1.0
+    fnc: float = 0.3
+    sr: float = 1e-4
+    ce: float = 0.0  # optional, not in the paper: + ce * CE(C_B(fused), y) on the server split's labels
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """The baseline: E fine-tuned from its pretrained weights with Hinton et al.'s distillation loss."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the soft-target term; 1 - alpha on the labels
+
+
+@dataclass(frozen=True)
+class ConstructionSpec:
+    extract: ExtractSettings = ExtractSettings()
+    train: DeltaTrainSettings = DeltaTrainSettings()
+    kd: KDSettings | None = KDSettings()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "ConstructionSpec":
+        o = _plain(dict(options or {}))
+        unknown = sorted(set(o) - {"extract", "train", "kd"})
+        if unknown:
+            raise ConfigError(f"model.construction.{unknown[0]}", "unknown option; allowed: extract, train, kd")
+        try:
+            extract = dict(o.get("extract") or {})
+            if "finetune" in extract:
+                extract["finetune"] = Recipe(**extract["finetune"])
+            for key in ("conv_rates", "linear_rates"):
+                if key in extract:
+                    extract[key] = tuple(float(r) for r in extract[key])
+            kd = o.get("kd", {})
+            return cls(ExtractSettings(**extract), DeltaTrainSettings(**(o.get("train") or {})),
+                       None if kd is None or kd is False else KDSettings(**kd))
+        except TypeError as exc:
+            raise ConfigError("model.construction", str(exc)) from None
+
+    def key(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Constructed:
+    arch: DeltaArch
+    state: dict[str, Tensor]
+    report: dict[str, Any]
+    directory: Path
+
+
+# -- the cached pipeline ------------------------------------------------------------------------------
+
+def ensure_delta(pair_spec: PairSpec, spec: ConstructionSpec, cache_dir: str, *, threads: int | None = None,
+                 tiers: tuple[float, ...] = DEFAULT_TIERS) -> Constructed:
+    pair = ensure_pair(pair_spec, cache_dir, threads=threads)
+    directory = pair.directory / f"delta-{digest(spec.key())}"
+    files = [directory / name for name in ("fused.pt", "arch.json", "report.json")]
+    if all(f.exists() for f in files):
+        return Constructed(DeltaArch.from_json(files[1].read_text()),
+                           torch.load(files[0], map_location="cpu", weights_only=True),
+                           json.loads(files[2].read_text()), directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():
+            fused, report = construct(pair, pair_spec, spec, tiers)
+    finally:
+        torch.set_num_threads(before)
+    _atomic_save(fused.state_dict(), files[0])
+    _atomic_write(files[1], fused.arch.to_json())
+    _atomic_write(files[2], json.dumps(report, indent=2))
+    return Constructed(fused.arch, fused.state_dict(), report, directory)
+
+
+def construct(pair: Pair, pair_spec: PairSpec, spec: ConstructionSpec,
+              tiers: tuple[float, ...] = DEFAULT_TIERS) -> tuple[FusedDelta, dict[str, Any]]:
+    from fl.models import model_profile
+
+    seed = pair_spec.seed
+    train, test = server_split(pair_spec)
+    x, y = tensors(train)
+    x_test, y_test = tensors(test)
+    base, edge = pair.base.eval(), pair.edge.eval()
+    for p in list(base.parameters()) + list(edge.parameters()):
+        p.requires_grad_(False)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    base_logits, edge_logits = predict(base, x_test), predict(edge, x_test)
+
+    # 1. subgraph extraction
+    extraction = learn_sparsity(base, x, y, spec.extract, seed)
+    pruned = prune_base(base, extraction, x[:1])
+    finetune_pruned(pruned, x, y, spec.extract.finetune, seed)
+    pruned_accuracy = accuracy(predict(pruned, x_test), y_test)
+    timings["extract_s"] = round(time.perf_counter() - started, 1)
+    base_profile = model_profile(base, train.channels, train.image_size)
+    edge_profile = model_profile(edge, train.channels, train.image_size)
+    torch.manual_seed(seed)
+    edge_name = str(pair_spec.edge["name"])
+    edge_options = tuple(sorted((k, v) for k, v in pair_spec.edge.items() if k != "name"))
+    fused, importance = build_delta(pruned, extraction.blocks, edge, (edge_name, edge_options), base.classifier,
+                                    spec.extract, x[:1], spec.extract.budget * base_profile["params"])
+
+    # 2. DELTA training with E and B frozen
+    started = time.perf_counter()
+    history = train_delta(fused, base, x, y, spec.train, seed)
+    timings["train_s"] = round(time.perf_counter() - started, 1)
+
+    # 3. importance order (tiers are prefixes)
+    order_by_importance(fused, importance)
+
+    # 4. the report
+    fused_parts = fused_outputs(fused, x_test)
+    fused_logits = fused.classifier(fused_parts["fused"])
+    arch = fused.arch
+    p_delta, f_delta = delta_params(arch), delta_macs(arch)
+    report: dict[str, Any] = {
+        "server_samples": len(x), "test_samples": len(x_test),
+        "base_accuracy": accuracy(base_logits, y_test),
+        "edge_accuracy": accuracy(edge_logits, y_test),
+        "fused_accuracy": accuracy(fused_logits, y_test),
+        "pruned_base_accuracy": pruned_accuracy,
+        "params": {"delta": p_delta, "edge": edge_profile["params"], "base": base_profile["params"],
+                   "delta_parts": part_params(fused)},
+        "macs": {"delta": f_delta, "edge": edge_profile["macs"], "base": base_profile["macs"]},
+        "P_D/E": p_delta / edge_profile["params"], "F_D/E": f_delta / edge_profile["macs"],
+        "P_D/B": p_delta / base_profile["params"], "F_D/B": f_delta / base_profile["macs"],
+        "arch": json.loads(arch.to_json()),
+        "extraction": summary(extraction), "extraction_history": extraction.history,
+        "train_history": history, "timings": timings,
+    }
+    report["gain_over_edge"] = report["fused_accuracy"] - report["edge_accuracy"]
+    report["gap_to_base"] = report["base_accuracy"] - report["fused_accuracy"]
+    report["correlation"] = correlation_scores(fused_parts, edge_logits, base_logits, y_test)
+    report["tiers"] = {f"{w:.4f}": {"accuracy": accuracy(predict(tier_model(fused, w), x_test), y_test),
+                                    "params": delta_params(arch.scaled(w) if w != 1.0 else arch)} for w in tiers}
+    if spec.kd is not None:
+        started = time.perf_counter()
+        report["kd_edge_accuracy"] = accuracy(predict(distill(edge, base, x, y, spec.kd, seed), x_test), y_test)
+        timings["kd_s"] = round(time.perf_counter() - started, 1)
+    return fused, report
+
+
+# -- DELTA training --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def fused_outputs(fused: FusedDelta, x: Tensor, batch_size: int = 500) -> dict[str, Tensor]:
+    fused.eval()
+    parts = [fused.branches(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return {name: torch.cat([getattr(p, name) for p in parts]) for name in parts[0]._fields}
+
+
+def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settings: DeltaTrainSettings,
+                seed: int) -> list[dict]:
+    """Adam on the DELTA (subgraph, SE, proj, resizer, adapter) with E and B frozen; B's features
+    and E's outputs are computed once (both frozen, no augmentation)."""
+    fused.freeze(edge=True)
+    with torch.no_grad():
+        base.eval()
+        target = torch.cat([base.forward_features(x[i:i + 500]) for i in range(0, len(x), 500)])
+        fused.edge.eval()
+        edge_out = [fused.edge_outputs(x[i:i + 500]) for i in range(0, len(x), 500)]
+        edge_pool = torch.cat([e[0] for e in edge_out])
+        edge_feat = torch.cat([e[1] for e in edge_out])
+    weights = DeltaLossWeights(settings.mse, settings.fnc, settings.sr)
+    params = [p for name, p in fused.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    steps = settings.epochs * ((len(x) + settings.batch_size - 1) // settings.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(settings.epochs):
+        fused.train()
+        order = torch.randperm(len(x), generator=generator)
+        sums: dict[str, float] = {}
+        for i in range(0, len(x), settings.batch_size):
+            batch = order[i:i + settings.batch_size]
+            parts = fuse(fused, fused.delta(x[batch]), edge_pool[batch], edge_feat[batch])
+            loss, terms = delta_objective(parts, fused, target[batch], weights)
+            if settings.ce:
+                ce = F.cross_entropy(fused.classifier(parts.fused), y[batch])
+                loss = loss + settings.ce * ce
+                terms["ce"] = ce.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            for k, v in {"loss": loss.item(), **terms}.items():
+                sums[k] = sums.get(k, 0.0) + v * len(batch)
+        history.append({"epoch": epoch + 1, **{k: v / len(x) for k, v in sums.items()}})
+        if (epoch + 1) % 5 == 0 or epoch + 1 == settings.epochs:
+            log.info("DELTA epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()
+                                                                if k != "epoch"))
+    fused.eval()
+    return history
+
+
+def distill(edge: nn.Module, base: nn.Module, x: Tensor, y: Tensor, kd: KDSettings, seed: int) -> nn.Module:
+    """E fine-tuned on the server split with alpha * T^2 KL(p_B^T || p_E^T) + (1 - alpha) CE."""
+    student = copy.deepcopy(edge)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        teacher = predict(base, x)
+    t = kd.temperature
+
+    def loss_fn(logits: Tensor, index: Tensor, labels: Tensor) -> Tensor:
+        soft = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher[index] / t, 1), reduction="batchmean")
+        return kd.alpha * t * t * soft + (1 - kd.alpha) * F.cross_entropy(logits, labels)
+
+    train_classifier(student, x, y, Recipe(epochs=kd.epochs, lr=kd.lr), seed, loss_fn=loss_fn)
+    return student.eval()
+
+
+# -- report helpers -----------------------------------------------------------------------------------------
+
+def part_params(fused: FusedDelta) -> dict[str, int]:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"subgraph": count(fused.delta.features), "se": count(fused.delta.se), "proj": count(fused.delta.proj),
+            "resizer": count(fused.resizer), "adapter": count(fused.adapter)}
+
+
+def correlation_scores(parts: Mapping[str, Tensor], edge_logits: Tensor, base_logits: Tensor,
+                       y: Tensor) -> dict[str, float]:
+    """Correlation between the DELTA branch R and E's adapted features A on the test samples that E
+    gets wrong and B right: feature-wise (each feature's Pearson correlation across those samples,
+    averaged over features; the quantity L_FNC minimizes) and sample-wise (each sample's Pearson
+    correlation across features, averaged over samples). Both over all test samples as well."""
+    subset = (edge_logits.argmax(1) != y) & (base_logits.argmax(1) == y)
+    out = {"edge_wrong_base_right": int(subset.sum())}
+    for name, rows in (("subset", subset), ("all", torch.ones_like(subset))):
+        if int(rows.sum()) < 2:
+            continue
+        r, a = parts["delta_out"][rows], parts["edge_out"][rows]
+        out[f"feature_wise_{name}"] = float(_pearson(r, a, dim=0).mean())
+        out[f"sample_wise_{name}"] = float(_pearson(r, a, dim=1).mean())
+    return out
+
+
+def _pearson(r: Tensor, a: Tensor, dim: int) -> Tensor:
+    r = r - r.mean(dim=dim, keepdim=True)
+    a = a - a.mean(dim=dim, keepdim=True)
+    return (r * a).sum(dim=dim) / (r.norm(dim=dim) * a.norm(dim=dim)).clamp_min(1e-12)
+
+
+__all__ = ["ConstructionSpec", "Constructed", "DeltaTrainSettings", "KDSettings", "construct", "correlation_scores",
+           "distill", "ensure_delta", "train_delta", "DEFAULT_TIERS"]

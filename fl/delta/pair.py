@@ -1,0 +1,259 @@
+"""The edge/base pair DELTA starts from: trained centrally on a server-side split, cached by hash.
+
+DELTA needs a trained base B and a trained edge model E. They are trained here, on data the
+clients never see: for ``synthetic`` a separate stream of the run's seed (``stream=2``; the
+clients' training set is stream 0, the test set stream 1), so the server split is disjoint from
+every client's data and from the test set by construction. For other datasets the server split is
+a seeded subset of the training images (the federation partitions all of them, so it overlaps the
+clients' data; logged as a warning).
+
+The recipe is ``bench/capacity_gap.py``'s: SGD with momentum 0.9, weight decay 5e-4, a one-cycle
+learning rate, batch 64, no augmentation. Results are cached under
+``<cache_dir>/pair-<hash>/{base,edge}.pt`` where the hash covers everything that determines them
+(models, recipe, dataset options, seed, split size, and a fingerprint of the first rendered server
+images, so a changed renderer never reuses stale weights): a rerun loads them in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl.errors import ConfigError
+
+log = logging.getLogger("fl.delta")
+
+SERVER_STREAM = 2  # synthetic stream of the server split (0: clients' training set, 1: test set)
+_SUBSET_TAG = 0x5E12  # seed word of the server subset for non-synthetic datasets
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Central training: SGD momentum 0.9, weight decay 5e-4, one-cycle lr (bench/capacity_gap.py)."""
+
+    epochs: int = 20
+    lr: float = 0.05
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """What determines the pretrained pair (and so its cache key)."""
+
+    data: Mapping[str, Any]  # the run's data config: name, dataset options (partition ignored)
+    seed: int
+    server_samples: int = 5000
+    base: Mapping[str, Any] = field(default_factory=lambda: {"name": "vgg11", "width": 0.5})
+    edge: Mapping[str, Any] = field(default_factory=lambda: {"name": "cnn_small"})
+    base_recipe: Recipe = Recipe(epochs=20, lr=0.05)
+    edge_recipe: Recipe = Recipe(epochs=20, lr=0.02)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "PairSpec":
+        o = dict(options)
+        known = {"data", "seed", "server_samples", "base", "edge", "base_recipe", "edge_recipe"}
+        unknown = sorted(set(o) - known)
+        if unknown:
+            raise ConfigError(f"model.pair.{unknown[0]}", f"unknown option; allowed: {', '.join(sorted(known))}")
+        if "data" not in o or "seed" not in o:
+            raise ConfigError("model.pair", "needs data (the run's data config) and seed")
+        for key in ("base_recipe", "edge_recipe"):
+            if key in o:
+                o[key] = Recipe(**dict(o[key]))
+        o["data"], o["base"], o["edge"] = _plain(o["data"]), _plain(o.get("base", cls.base_default())), \
+            _plain(o.get("edge", {"name": "cnn_small"}))
+        spec = cls(**o)
+        if spec.server_samples < 1:
+            raise ConfigError("model.pair.server_samples", f"must be >= 1, got {spec.server_samples}")
+        return spec
+
+    @staticmethod
+    def base_default() -> dict[str, Any]:
+        return {"name": "vgg11", "width": 0.5}
+
+    def dataset_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.data.items() if k not in ("name", "root", "partition")}
+
+    def key(self) -> dict[str, Any]:
+        return {"data": {k: v for k, v in self.data.items() if k != "partition"}, "seed": self.seed,
+                "server_samples": self.server_samples, "base": dict(self.base), "edge": dict(self.edge),
+                "base_recipe": asdict(self.base_recipe), "edge_recipe": asdict(self.edge_recipe)}
+
+
+def _plain(value: Any) -> Any:
+    """Frozen option tuples (fl.specs.freeze) or mappings -> plain dicts."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+                                                  for v in value):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+def server_split(pair: PairSpec):
+    """(server training set, test set) as ImageSets: disjoint from the clients' data for synthetic."""
+    from fl.data import DATASETS
+
+    name = str(pair.data["name"])
+    options = pair.dataset_options()
+    if name == "synthetic":
+        from fl.data.synthetic import SyntheticImageSet, synthetic
+
+        _, test = synthetic(num_clients=1, seed=pair.seed, **{**options, "samples_per_client": 1})
+        keep = {k: v for k, v in options.items() if k in ("difficulty", "num_classes")}
+        train = SyntheticImageSet(pair.server_samples, pair.seed, stream=SERVER_STREAM, name="synthetic/server", **keep)
+        return train, test
+    train, test = DATASETS.get(name)(num_clients=1, seed=pair.seed, root=pair.data.get("root"), **options)
+    n = min(pair.server_samples, len(train))
+    log.warning("%s has no server stream: the server split is a seeded subset of %d training images, which the "
+                "federation also gives to clients", name, n)
+    index = np.sort(np.random.default_rng([pair.seed, _SUBSET_TAG]).permutation(len(train))[:n])
+    return train.subset(index, name=f"{name}/server"), test
+
+
+def tensors(images, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(images) if limit is None else min(limit, len(images))
+    return images.get(np.arange(n))
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int,
+                     loss_fn=None) -> None:
+    """``bench/capacity_gap.py``'s recipe; ``loss_fn(logits, x_batch_index, y)`` replaces CE (KD)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
+                                momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * ((len(x) + recipe.batch_size - 1) // recipe.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=max(steps, 1),
+                                                   pct_start=0.15)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(recipe.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for i in range(0, len(x), recipe.batch_size):
+            batch = order[i:i + recipe.batch_size]
+            logits = model(x[batch])
+            loss = F.cross_entropy(logits, y[batch]) if loss_fn is None else loss_fn(logits, batch, y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(batch)
+        if (epoch + 1) % 5 == 0 or epoch + 1 == recipe.epochs:
+            log.info("  epoch %d/%d: training loss %.4f", epoch + 1, recipe.epochs, total / len(x))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+# -- the cached pair -------------------------------------------------------------------------------------
+
+@dataclass
+class Pair:
+    base: nn.Module
+    edge: nn.Module
+    directory: Path
+    report: dict[str, Any]
+
+
+def build_member(spec: Mapping[str, Any], *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from fl.models import get_model
+
+    options = {k: v for k, v in spec.items() if k != "name"}
+    return get_model(str(spec["name"]), num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                     **options)
+
+
+def pair_directory(pair: PairSpec, cache_dir: str | os.PathLike) -> Path:
+    train, _ = server_split(pair)
+    fingerprint = hashlib.sha256(train.pixels(np.arange(min(8, len(train)))).numpy().tobytes()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / f"pair-{digest({**pair.key(), 'fingerprint': fingerprint})}"
+
+
+def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | None = None) -> Pair:
+    """The pretrained (base, edge): loaded from the cache, or trained on the server split and cached."""
+    directory = pair_directory(pair, cache_dir)
+    train, test = server_split(pair)
+    shape = dict(num_classes=train.num_classes, in_channels=train.channels, image_size=train.image_size)
+    models = {role: build_member(spec, **shape) for role, spec in (("base", pair.base), ("edge", pair.edge))}
+    report_path = directory / "pair.json"
+    if report_path.exists() and all((directory / f"{role}.pt").exists() for role in models):
+        for role, model in models.items():
+            model.load_state_dict(torch.load(directory / f"{role}.pt", map_location="cpu", weights_only=True))
+            model.eval()
+        return Pair(models["base"], models["edge"], directory, json.loads(report_path.read_text()))
+    directory.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"spec": pair.key(), "server_samples": len(train), "test_samples": len(test)}
+    with _threads(threads), torch.random.fork_rng():
+        x, y = tensors(train)
+        x_test, y_test = tensors(test)
+        for role, model in models.items():
+            recipe = pair.base_recipe if role == "base" else pair.edge_recipe
+            torch.manual_seed(pair.seed)
+            reinit = build_member(pair.base if role == "base" else pair.edge, **shape)  # seeded initialization
+            model.load_state_dict(reinit.state_dict())
+            started = time.perf_counter()
+            log.info("training the %s (%s) on %d server images for %d epochs", role, dict(pair.base if role == "base"
+                     else pair.edge), len(x), recipe.epochs)
+            train_classifier(model, x, y, recipe, pair.seed)
+            model.eval()
+            report[role] = {"test_accuracy": accuracy(predict(model, x_test), y_test),
+                            "seconds": round(time.perf_counter() - started, 1)}
+            log.info("%s: test accuracy %.4f (%.0f s)", role, report[role]["test_accuracy"], report[role]["seconds"])
+            _atomic_save(model.state_dict(), directory / f"{role}.pt")
+    _atomic_write(report_path, json.dumps(report, indent=2))
+    return Pair(models["base"], models["edge"], directory, report)
+
+
+class _threads:
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
