@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["num_clients=6", "fraction_fit=0.5", "rounds=2", "progress=false", "tensorboard=false", "checkpoint_every=0",
          "train.epochs=1", "train.batch_size=32", "train.lr=0.05", "train.momentum=0.0"]
 SMALL_SYNTHETIC = ["data.samples_per_client=16", "data.test_size=64", "data.partition.name=shards",
-                   "+data.partition.classes_per_client=3"]
+                   "++data.partition.classes_per_client=3"]
 
 
 def compose_config(overrides: list[str]):

@@ -100,7 +100,7 @@ CONFUSABLE_PAIRS = ((0, 1, "part"), (0, 2, "part"), (1, 2, "part"), (3, 4, "part
 
 _CLUTTER = 10  # clutter slots per image; difficulty sets how many are used
 _DECOYS = 2  # slots for smaller look-alike objects behind the main one
-_NUM_UNIFORMS = 32 + 2 * len(PARTS) + 9 * _CLUTTER + 10 * _DECOYS
+_NUM_UNIFORMS = 40 + 2 * len(PARTS) + 9 * _CLUTTER + 10 * _DECOYS
 _LABEL_TAG = 0x1ABE1
 _PIXEL_TAG = 0x91CE1
 
@@ -218,6 +218,7 @@ class _Renderer:
         self.part_shift = 0.06 + 0.1 * d  # part placement jitter, body radii
         self.clutter_rate = 0.25 + 0.6 * d
         self.decoy_rate = max(0.0, 1.2 * (d - 0.5))
+        self.fill_rate = 0.0
         self.noise = (0.02 + 0.08 * d) * 3 ** 0.5  # uniform noise with this standard deviation
         coords = np.arange(SIZE, dtype=np.float32) + np.float32(0.5)
         self.x = coords[None, None, :]
@@ -301,6 +302,20 @@ class _Renderer:
         body = _bodies(self.body[labels], np.ones(batch, dtype=bool), u, v)
         part_mask = body.astype(np.uint8)
         img = np.where(body[:, None], body_rgb[:, :, None, None], img)
+        # textured bodies: stripes (4 orientations) or a checkerboard in a second shade
+        fill = draw()
+        striped, checked = fill < self.fill_rate / 2, (fill >= self.fill_rate / 2) & (fill < self.fill_rate)
+        orient = np.minimum((draw() * 4).astype(np.int64), 3)
+        ox = np.array([1, 0, 1, 1], dtype=f32)[orient][:, None, None]
+        oy = np.array([0, 1, 1, -1], dtype=f32)[orient][:, None, None]
+        period = _span(draw(), 3.0, 5.0)[:, None, None]
+        phx, phy = draw()[:, None, None] * period, draw()[:, None, None] * period
+        stripe_on = ((self.x * ox + self.y * oy + phx) % period) < period / 2
+        check_on = (np.floor((self.x + phx) / period) + np.floor((self.y + phy) / period)) % 2 == 0
+        shade = body_l + np.where(body_l > 0.5, f32(-1), f32(1)) * _span(draw(), 0.15, 0.28)
+        shade_rgb = np.clip(body_rgb + (shade - body_l)[:, None], 0, 1)
+        second = body & ((striped[:, None, None] & stripe_on) | (checked[:, None, None] & check_on))
+        img = np.where(second[:, None], shade_rgb[:, :, None, None], img)
         px = cx[:, None] + (self.part_x + part_jitter[:, 0::2]) * (radius * sx)[:, None]
         py = cy[:, None] + (self.part_y + part_jitter[:, 1::2]) * (radius * sy)[:, None]
         kind = np.where(self.has_part[labels], self.part_stamp, -1)
