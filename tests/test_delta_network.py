@@ -303,3 +303,16 @@ def test_the_budget_truncates_the_subgraph(tmp_path):
     built = ensure_delta(tiny_pair_spec(), tight, str(tmp_path))
     assert len(built.arch.convs) < len(loose.arch.convs)
     assert built.report["P_D/B"] <= 0.5 * loose.report["P_D/B"] or len(built.arch.convs) == 1
+
+
+def test_pretrain_command_prints_the_report_and_fills_the_cache(tmp_path, capsys):
+    from fl.delta.pretrain import main
+    from tests.test_delta_strategy import TINY
+
+    args = ["sim=delta_100clients", f"model.cache_dir={tmp_path}", "data.samples_per_client=4", "data.test_size=48",
+            *TINY]
+    assert main(args + ["--json", str(tmp_path / "report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| edge + DELTA (fused) accuracy |" in out and "| P_D/B, F_D/B |" in out
+    assert (tmp_path / "report.json").exists() and list(tmp_path.glob("pair-*/delta-*/fused.pt"))
+    assert main(["sim=delta_100clients", "model=vgg8"]) == 2  # nothing to pretrain: a one-line error
