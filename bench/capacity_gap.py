@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--edge", default="cnn_small")
-    p.add_argument("--edge-lr", type=float, default=0.02)
+    p.add_argument("--edge-lr", type=float, default=0.05)
     p.add_argument("--base", default="vgg11")
     p.add_argument("--base-width", type=float, default=0.5)
     p.add_argument("--base-lr", type=float, default=0.05)

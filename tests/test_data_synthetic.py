@@ -168,6 +168,8 @@ def test_class_design_has_part_and_context_pairs():
 def test_more_classes_and_option_checks():
     table = scene_classes(30)
     assert len({(c.body, c.parts, c.context) for c in table}) == 30
+    shown_everywhere = {(c.body, c.parts) for c in CLASSES if c.context is None}
+    assert all((c.body, c.parts) not in shown_everywhere for c in table[10:])  # no class inside another
     ds = SyntheticImageSet(100, seed=0, num_classes=30)
     assert ds.labels.max() < 30 and ds.get(np.arange(100))[0].shape == (100, 3, 32, 32)
     with pytest.raises(ConfigError, match="data.difficulty"):

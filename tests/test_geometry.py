@@ -144,11 +144,11 @@ def test_misclassified_samples_have_larger_angle_and_smaller_length():
     from fl.models import get_model
 
     federation = build_federation("synthetic", num_clients=1, seed=0, samples_per_client=1200, test_size=500,
-                                  difficulty=0.2)
+                                  difficulty=0.0)
     torch.manual_seed(0)
-    model = get_model("cnn_small", num_classes=10, width=0.25, hidden=32)
+    model = get_model("cnn_small", num_classes=10, width=0.5, hidden=64)
     train_dense(model, ClientData(federation.train, np.arange(len(federation.train))),
-                TrainHyper(epochs=8, batch_size=32, lr=0.05, momentum=0.9), torch.Generator().manual_seed(0))
+                TrainHyper(epochs=8, batch_size=32, lr=0.02, momentum=0.9), torch.Generator().manual_seed(0))
     test = ClientData(federation.test, np.arange(len(federation.test)))
     geo = measure(model, test.batches(250, None))
     stats = summarize(geo, 10)

@@ -11,8 +11,9 @@ Reading a few-pixel part in relation to a small object that can sit anywhere fav
 translation-invariant network over a shallow one with a position-specific dense head: this is
 the capacity gap DELTA and XDelta need (bench/capacity_gap.py measures it).
 
-`difficulty` in [0, 1] shrinks the objects and their parts, widens every jitter, adds clutter and
-noise, and above 0.5 adds smaller look-alike decoy objects behind the main one.
+`difficulty` in [0, 1] shrinks the objects and their parts, widens every jitter, and adds clutter,
+noise and smaller look-alike decoy objects behind the main one. The shipped 0.5 is where the gap
+was measured (radius about 4.2 px, parts of 1-2 px).
 
 Every pixel and mask of sample i is a function of (seed, stream, i) alone: its random numbers come
 from its own generator seeded with those words, and the vectorized rendering is elementwise, so
@@ -100,7 +101,7 @@ CONFUSABLE_PAIRS = ((0, 1, "part"), (0, 2, "part"), (1, 2, "part"), (3, 4, "part
 
 _CLUTTER = 10  # clutter slots per image; difficulty sets how many are used
 _DECOYS = 2  # slots for smaller look-alike objects behind the main one
-_NUM_UNIFORMS = 40 + 2 * len(PARTS) + 9 * _CLUTTER + 10 * _DECOYS
+_NUM_UNIFORMS = 40 + 2 * len(PARTS) + 9 * _CLUTTER + 10 * _DECOYS  # drawn per sample; changing it changes every image
 _LABEL_TAG = 0x1ABE1
 _PIXEL_TAG = 0x91CE1
 
@@ -111,10 +112,12 @@ def scene_classes(num_classes: int) -> tuple[SceneClass, ...]:
         return CLASSES[:num_classes]
     extra_parts = [p.name for p in PARTS] + ["left_eye+right_eye", "spot+tail", "antenna+mouth"]
     taken = {(c.body, c.parts, c.context) for c in CLASSES}
+    any_context = {(c.body, c.parts) for c in CLASSES if c.context is None}
     table = list(CLASSES)
     for body, parts, context in product(BODIES, extra_parts, CONTEXTS):
         key = (body, tuple(parts.split("+")), context)
-        if key not in taken and len(table) < num_classes:
+        # an object already shown on every background cannot also be a context-specific class
+        if key not in taken and key[:2] not in any_context and len(table) < num_classes:
             table.append(SceneClass(f"{body}-{parts}@{context}", *key))
     return tuple(table)
 
@@ -126,7 +129,7 @@ class SyntheticImageSet(ImageSet):
 
     def __init__(self, size: int, seed: int, *, stream: int = 0, num_classes: int = 10,
                  difficulty: float = DEFAULT_DIFFICULTY, name: str = "synthetic"):
-        max_classes = len(BODIES) * (len(PARTS) + 3) * len(CONTEXTS)
+        max_classes = len(scene_classes(10_000))
         if not 2 <= num_classes <= max_classes:
             raise ConfigError("data.num_classes", f"must be in [2, {max_classes}], got {num_classes}")
         if not 0.0 <= difficulty <= 1.0:
@@ -211,15 +214,14 @@ class _Renderer:
         self.part_y = np.array([p.ay for p in PARTS], dtype=np.float32)
         self.part_stamp = np.array([STAMPS.index(p.stamp) for p in PARTS])
         self.part_on_body = np.array([p.on_body for p in PARTS])
-        self.radius = 5.0 - 1.0 * d  # body radius in pixels, before jitter
-        self.scale = 0.12 + 0.22 * d  # relative radius jitter
-        self.aspect = 0.08 + 0.17 * d
-        self.part_size = 0.95 - 0.4 * d  # half-size of a dot, pixels
-        self.part_shift = 0.06 + 0.1 * d  # part placement jitter, body radii
-        self.clutter_rate = 0.25 + 0.6 * d
-        self.decoy_rate = max(0.0, 1.2 * (d - 0.5))
-        self.fill_rate = 0.0
-        self.noise = (0.02 + 0.08 * d) * 3 ** 0.5  # uniform noise with this standard deviation
+        self.radius = 5.0 - 1.6 * d  # body radius in pixels, before jitter
+        self.scale = 0.12 + 0.35 * d  # relative radius jitter
+        self.aspect = 0.08 + 0.27 * d
+        self.part_size = max(0.5, 0.95 - 0.64 * d)  # half-size of a dot in pixels (0.5: one pixel at least)
+        self.part_shift = 0.06 + 0.16 * d  # part placement jitter, body radii
+        self.clutter_rate = min(1.0, 0.25 + 0.96 * d)
+        self.decoy_rate = 0.72 * d
+        self.noise = (0.02 + 0.128 * d) * 3 ** 0.5  # uniform noise with this standard deviation
         coords = np.arange(SIZE, dtype=np.float32) + np.float32(0.5)
         self.x = coords[None, None, :]
         self.y = coords[None, :, None]
@@ -275,7 +277,7 @@ class _Renderer:
         c_rgb = np.where(c_like_part[..., None], part_rgb[:, None, :], c_rgb)
         _paint(img, None, np.where(c_on, c_kind, -1), c_x, c_y, c_size, c_rgb)
 
-        # 4. decoys (difficulty > 0.5): smaller bodies of any shape with one on-body part
+        # 4. decoys: smaller bodies of any shape with one on-body part
         on_body = np.flatnonzero(self.part_on_body)
         for _ in range(_DECOYS):
             d_on = draw() < self.decoy_rate
@@ -302,20 +304,6 @@ class _Renderer:
         body = _bodies(self.body[labels], np.ones(batch, dtype=bool), u, v)
         part_mask = body.astype(np.uint8)
         img = np.where(body[:, None], body_rgb[:, :, None, None], img)
-        # textured bodies: stripes (4 orientations) or a checkerboard in a second shade
-        fill = draw()
-        striped, checked = fill < self.fill_rate / 2, (fill >= self.fill_rate / 2) & (fill < self.fill_rate)
-        orient = np.minimum((draw() * 4).astype(np.int64), 3)
-        ox = np.array([1, 0, 1, 1], dtype=f32)[orient][:, None, None]
-        oy = np.array([0, 1, 1, -1], dtype=f32)[orient][:, None, None]
-        period = _span(draw(), 3.0, 5.0)[:, None, None]
-        phx, phy = draw()[:, None, None] * period, draw()[:, None, None] * period
-        stripe_on = ((self.x * ox + self.y * oy + phx) % period) < period / 2
-        check_on = (np.floor((self.x + phx) / period) + np.floor((self.y + phy) / period)) % 2 == 0
-        shade = body_l + np.where(body_l > 0.5, f32(-1), f32(1)) * _span(draw(), 0.15, 0.28)
-        shade_rgb = np.clip(body_rgb + (shade - body_l)[:, None], 0, 1)
-        second = body & ((striped[:, None, None] & stripe_on) | (checked[:, None, None] & check_on))
-        img = np.where(second[:, None], shade_rgb[:, :, None, None], img)
         px = cx[:, None] + (self.part_x + part_jitter[:, 0::2]) * (radius * sx)[:, None]
         py = cy[:, None] + (self.part_y + part_jitter[:, 1::2]) * (radius * sy)[:, None]
         kind = np.where(self.has_part[labels], self.part_stamp, -1)
@@ -361,6 +349,8 @@ def _paint(img, part_mask, kind, px, py, size, rgb, part_id=None) -> None:
             mark[rows] = _stamp(stamp, dx[rows], dy[rows], size[rows, None, None])
     mark &= (jx >= 0) & (jx < SIZE) & (jy >= 0) & (jy < SIZE)
     item, wy, wx = np.nonzero(mark)
+    if item.size == 0:
+        return
     ys, xs = jy[item, wy, 0], jx[item, 0, wx]
     b, slot = np.divmod(item, k)
     # where stamps overlap keep the last slot: sort by pixel then slot, keep each pixel's last entry
