@@ -64,7 +64,7 @@ class DeltaUpload:
 
 class DeltaFactorized(FederatedStrategy):
     def __init__(self, *, tiers: Sequence[float] = DEFAULT_TIERS, tier_assignment: str = "equal",
-                 device: Mapping[str, Any] | None = None, edge_every: int = 0, fnc: float = 0.3, sr: float = 1e-4,
+                 device: Mapping[str, Any] | None = None, edge_every: int = 0, fnc: float = 0.05, sr: float = 1e-4,
                  val_fraction: float = 0.2, tier_eval_every: int = 5, build_model: Callable[[], Any] | None = None,
                  test_set: Any = None, **kwargs: Any):
         kwargs["down_codec"] = _slice_codec_name(kwargs.get("down_codec", "dense_fp32"), "codec.down")

@@ -42,13 +42,13 @@ DEFAULT_TIERS = (1.0, 1 / math.sqrt(2), 0.5, 1 / (2 * math.sqrt(2)))
 
 @dataclass(frozen=True)
 class DeltaTrainSettings:
-    epochs: int = 30
+    epochs: int = 60
     lr: float = 2e-3  # Adam, cosine-annealed
     batch_size: int = 64
     mse: float = 1.0
-    fnc: float = 0.3
+    fnc: float = 0.05  # below half of the MSE weight, as the paper advises
     sr: float = 1e-4
-    ce: float = 0.0  # optional, not in the paper: + ce * CE(C_B(fused), y) on the server split's labels
+    ce: float = 0.5  # not in the paper: + ce * CE(C_B(fused), y) on the server split's labels (0: the paper's loss)
 
 
 @dataclass(frozen=True)
