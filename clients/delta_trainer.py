@@ -19,21 +19,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord
 
-from clients.dense import ClientData
+from clients.dense import ClientData, evaluate
 from clients.resident import borrowed_model
-from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer
-from fl.data import client_split
+from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer, slice_codec_from
 from fl.delta.network import DeltaArch, FusedDelta, fnc_loss, fuse, group_lasso
 from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE,
                              VAL_FRACTION, WIDTH, WITH_FROZEN, download_layout, is_frozen, same_keep,
                              template_state, upload_layout)
 from fl.keys import CODEC, NUM_EXAMPLES, UP_CODEC
-from fl.payload import SliceCodec, get_codec
 
 NAME = "delta"  # the trainer and evaluator name the server puts in config["trainer"]
 TIER_WIDTH = "tier_width"  # metric: the client's width
@@ -65,7 +62,7 @@ def delta(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[Ar
         # 1-2. the width-w fused model with E and the classifier this node holds
         model.load_state_dict(receive(arrays, config, env, s, full))
         # 3. local training, E (unless an edge round) and the base classifier frozen
-        train_data, _ = local_splits(env, s.val_fraction)
+        train_data, _ = env.local_splits(s.val_fraction)
         env.before_train(model, config)
         metrics = train_fused(model, train_data, config, s, env.generator)
         metrics.update({TIER_WIDTH: s.width, NUM_EXAMPLES: len(train_data)})
@@ -74,7 +71,7 @@ def delta(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[Ar
         reference, keep = upload_layout(full, s.arch_json, s.width, s.train_edge)
         state = model.state_dict()
         blocks = {name: state[name] for name in reference}
-        return codec(config, UP_CODEC).encode_slices(blocks, keep), metrics
+        return slice_codec_from(config, UP_CODEC, NAME).encode_slices(blocks, keep), metrics
 
 
 @register_evaluator(NAME)
@@ -84,8 +81,8 @@ def delta_evaluate(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
     full = template_state(s.arch_json)
     with tier_model(s) as model:
         model.load_state_dict(receive(arrays, config, env, s, full))
-        _, held_out = local_splits(env, s.val_fraction)
-        return {**evaluate_fused(model, held_out), TIER_WIDTH: s.width, NUM_EXAMPLES: len(held_out)}
+        _, held_out = env.local_splits(s.val_fraction)
+        return {**evaluate(model, held_out), TIER_WIDTH: s.width, NUM_EXAMPLES: len(held_out)}
 
 
 # -- steps -------------------------------------------------------------------------------------------------
@@ -95,7 +92,7 @@ def receive(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv, s: DeltaC
     """The width-w model's whole state: the received DELTA blocks, E and the classifier (received
     now, or kept from an earlier round in the node's state)."""
     reference, keep = download_layout(full, s.arch_json, s.width, s.with_frozen)
-    blocks, got = codec(config, CODEC).decode_slices(arrays, reference)
+    blocks, got = slice_codec_from(config, CODEC, NAME).decode_slices(arrays, reference)
     if not same_keep(got, keep):
         raise ValueError(f"the download is not the width-{s.width} slice this client expects")
     if s.with_frozen:
@@ -144,18 +141,6 @@ def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: De
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
-@torch.no_grad()
-def evaluate_fused(model: FusedDelta, data: ClientData, batch_size: int = 512) -> dict[str, float]:
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for x, y in data.batches(batch_size, None):
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
-    n = max(len(data), 1)
-    return {"loss": loss_sum / n, "accuracy": correct / n}
-
-
 # -- helpers -------------------------------------------------------------------------------------------------
 
 def tier_model(s: DeltaClientSettings):
@@ -163,23 +148,6 @@ def tier_model(s: DeltaClientSettings):
     arch = DeltaArch.from_json(s.arch_json)
     tier = arch if s.width == 1.0 else arch.scaled(s.width)
     return borrowed_model((NAME, s.arch_json, s.width), lambda: FusedDelta(tier))
-
-
-def local_splits(env: ClientEnv, val_fraction: float) -> tuple[ClientData, ClientData]:
-    """(training split, held-out split) of this client's samples, fixed by the run seed; with no
-    held-out share, both are all of its samples."""
-    if val_fraction <= 0:
-        return env.data, env.data
-    train_idx, held_idx = client_split(env.federation, env.partition_id, val_fraction, env.spec.seed)
-    images = env.federation.train
-    return ClientData(images, np.asarray(train_idx)), ClientData(images, np.asarray(held_idx))
-
-
-def codec(config: ConfigRecord, key: str) -> SliceCodec:
-    c = get_codec(str(config[key]))
-    if not isinstance(c, SliceCodec):
-        raise ValueError(f"the delta trainer sends channel slices; {key}={c.name!r} is not a channel-slice codec")
-    return c
 
 
 __all__ = ["NAME", "DeltaClientSettings", "delta", "delta_evaluate", "receive", "train_fused"]

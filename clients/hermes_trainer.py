@@ -26,17 +26,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.channels import ChannelPruner, pruned_fraction
-from clients.dense import ClientData, evaluate, train_dense
-from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer
-from fl.data import client_split
+from clients.dense import evaluate, train_dense
+from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer, slice_codec_from
 from fl.errors import ConfigError
 from fl.keys import CODEC, NUM_EXAMPLES, UP_CODEC
-from fl.payload import SliceCodec, get_codec, kept_entries, relative_keep, slice_state
+from fl.payload import kept_entries, relative_keep, slice_state
 
 NAME = "hermes"  # the trainer and evaluator name the server puts in config["trainer"]
 # Config keys (server -> client) and metric keys (client -> server).
@@ -83,12 +81,12 @@ def hermes(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[A
     settings = HermesSettings.from_config(config)
     pruner = channel_pruner(env)
     # 1. the client's own sub-network, physically pruned
-    blocks, keep = slice_codec(config, CODEC).decode_slices(arrays, pruner.reference)
+    blocks, keep = slice_codec_from(config, CODEC, "hermes").decode_slices(arrays, pruner.reference)
     masks = pruner.masks_of(keep)
     model, graph = pruner.build(masks)
     model.load_state_dict(blocks)
     # 2. local training
-    train_data, held_out = local_splits(env, settings.val_fraction)
+    train_data, held_out = env.local_splits(settings.val_fraction)
     env.before_train(model, config)
     metrics = train_dense(model, train_data, hyper_from(config), env.generator)
     # 3. local accuracy
@@ -105,7 +103,7 @@ def hermes(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[A
                     KEPT_ENTRIES: kept_entries(new_keep, pruner.reference), PRUNED_NOW: float(pruned_now),
                     NUM_EXAMPLES: len(train_data)})
     metrics.update(env.after_train(model, metrics))
-    return slice_codec(config, UP_CODEC).encode_slices(upload, new_keep), metrics
+    return slice_codec_from(config, UP_CODEC, "hermes").encode_slices(upload, new_keep), metrics
 
 
 @register_evaluator(NAME)
@@ -113,29 +111,15 @@ def hermes_evaluate(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -
     """Personalized accuracy: the received (personalized) sub-network on the held-out split."""
     settings = HermesSettings.from_config(config)
     pruner = channel_pruner(env)
-    blocks, keep = slice_codec(config, CODEC).decode_slices(arrays, pruner.reference)
+    blocks, keep = slice_codec_from(config, CODEC, "hermes").decode_slices(arrays, pruner.reference)
     model, _ = pruner.build(pruner.masks_of(keep))
     model.load_state_dict(blocks)
-    _, held_out = local_splits(env, settings.val_fraction)
+    _, held_out = env.local_splits(settings.val_fraction)
     return {**evaluate(model, held_out), PRUNED_FRACTION: pruned_fraction(pruner.masks_of(keep)),
             NUM_EXAMPLES: len(held_out)}
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-def local_splits(env: ClientEnv, val_fraction: float) -> tuple[ClientData, ClientData]:
-    """(training split, held-out split) of this client's samples, fixed by the run seed."""
-    train_idx, held_idx = client_split(env.federation, env.partition_id, val_fraction, env.spec.seed)
-    images = env.federation.train
-    return ClientData(images, np.asarray(train_idx)), ClientData(images, np.asarray(held_idx))
-
-
-def slice_codec(config: ConfigRecord, key: str) -> SliceCodec:
-    codec = get_codec(str(config[key]))
-    if not isinstance(codec, SliceCodec):
-        raise ValueError(f"the hermes trainer sends channel slices; {key}={codec.name!r} is not a channel-slice codec")
-    return codec
-
 
 _pruners: dict[tuple, ChannelPruner] = {}
 _pruners_lock = threading.Lock()

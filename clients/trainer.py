@@ -14,14 +14,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.dense import ClientData, TrainHyper
 from clients.resident import borrowed_model
+from fl.data import client_split
 from fl.hooks import ClientView, Plugin
 from fl.keys import BATCH_SIZE, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
+from fl.payload import SliceCodec, get_codec
 from fl.registry import Registry
 from fl.specs import ClientSpec
 
@@ -72,6 +75,15 @@ class ClientEnv:
         with borrowed_model(key, lambda: self.spec.model.build_for(fed)) as model:
             yield model
 
+    def local_splits(self, val_fraction: float) -> tuple[ClientData, ClientData]:
+        """(training split, held-out split) of this client's samples, fixed by the run seed; with no
+        held-out share, both are all of its samples."""
+        if val_fraction <= 0:
+            return self.data, self.data
+        train_idx, held_idx = client_split(self.federation, self.partition_id, val_fraction, self.spec.seed)
+        images = self.federation.train
+        return ClientData(images, np.asarray(train_idx)), ClientData(images, np.asarray(held_idx))
+
     def before_train(self, model: nn.Module, config: ConfigRecord) -> None:
         for plugin in self.plugins:
             plugin.before_train(self.view, model, config)
@@ -81,6 +93,14 @@ class ClientEnv:
         for plugin in self.plugins:
             extra.update({f"plugin/{plugin.name}/{k}": v for k, v in (plugin.after_train(self.view, model, metrics) or {}).items()})
         return extra
+
+
+def slice_codec_from(config: ConfigRecord, key: str, trainer: str) -> SliceCodec:
+    """The channel-slice codec named by ``config[key]``; a trainer that sends slices needs one."""
+    codec = get_codec(str(config[key]))
+    if not isinstance(codec, SliceCodec):
+        raise ValueError(f"the {trainer} trainer sends channel slices; {key}={codec.name!r} is not a channel-slice codec")
+    return codec
 
 
 def hyper_from(config: ConfigRecord) -> TrainHyper:

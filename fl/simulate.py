@@ -29,6 +29,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     from fl.config import build  # heavy imports after Hydra has parsed the command line
     from fl.run import execute
+    from fl.results import ERROR_FILE
 
     if not cfg.get("verbose", False):  # after the imports: importing flwr resets its logger's level
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -51,7 +52,7 @@ def main(cfg: DictConfig) -> None:
     try:
         summary = execute(server, engine, launched_at=LAUNCHED_AT, resume=resume, faults=faults)
     except BaseException as exc:
-        Path(run_dir, "error.txt").write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
+        Path(run_dir, ERROR_FILE).write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
         raise
     strategy = getattr(server.make_strategy, "func", server.make_strategy).__name__
     print(f"done: {strategy} on {server.client.data.name}, {server.client.data.num_clients} clients, "

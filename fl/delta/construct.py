@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from fl.delta.extract import ExtractSettings, build_delta, finetune_pruned, learn_sparsity, prune_base, summary
 from fl.delta.network import (DeltaArch, DeltaLossWeights, FusedDelta, delta_macs, delta_objective, delta_params,
                               fuse, order_by_importance, tier_model)
-from fl.delta.pair import Pair, PairSpec, Recipe, _atomic_save, _atomic_write, _plain, accuracy, digest, \
+from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, digest, \
     ensure_pair, predict, server_split, tensors, train_classifier
 from fl.errors import ConfigError
+from fl.results import atomic_save, atomic_write_text
 
 log = logging.getLogger("fl.delta")
 
@@ -118,9 +119,9 @@ def ensure_delta(pair_spec: PairSpec, spec: ConstructionSpec, cache_dir: str, *,
             fused, report = construct(pair, pair_spec, spec, tiers)
     finally:
         torch.set_num_threads(before)
-    _atomic_save(fused.state_dict(), files[0])
-    _atomic_write(files[1], fused.arch.to_json())
-    _atomic_write(files[2], json.dumps(report, indent=2))
+    atomic_save(fused.state_dict(), files[0])
+    atomic_write_text(files[1], fused.arch.to_json())
+    atomic_write_text(files[2], json.dumps(report, indent=2))
     return Constructed(fused.arch, fused.state_dict(), report, directory)
 
 

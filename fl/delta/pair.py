@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl.errors import ConfigError
+from fl.results import atomic_save, atomic_write_text
 
 log = logging.getLogger("fl.delta")
 
@@ -229,8 +230,8 @@ def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | 
             report[role] = {"test_accuracy": accuracy(predict(model, x_test), y_test),
                             "seconds": round(time.perf_counter() - started, 1)}
             log.info("%s: test accuracy %.4f (%.0f s)", role, report[role]["test_accuracy"], report[role]["seconds"])
-            _atomic_save(model.state_dict(), directory / f"{role}.pt")
-    _atomic_write(report_path, json.dumps(report, indent=2))
+            atomic_save(model.state_dict(), directory / f"{role}.pt")
+    atomic_write_text(report_path, json.dumps(report, indent=2))
     return Pair(models["base"], models["edge"], directory, report)
 
 
@@ -246,14 +247,3 @@ class _threads:
     def __exit__(self, *exc):
         torch.set_num_threads(self.before)
 
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -9,25 +9,19 @@ and on completion ``final_model.pt`` and ``summary.json`` (``error.txt`` when it
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
-from typing import Any
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from fl.deploy.run_config import compose, log, overrides_from, run_dir_from
 from fl.errors import ConfigError
-from fl.server import RunOutcome, ServerSpec, run_server
+from fl.results import ERROR_FILE, write_results
+from fl.server import run_server
 
 CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
-FINAL_MODEL_FILE = "final_model.pt"
-ERROR_FILE = "error.txt"
 ENGINE = "flwr-run"  # summary.json's "engine": Flower's runtime (SuperLink + SuperNodes, or its simulation)
 
 app = ServerApp()
@@ -55,34 +49,6 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException as exc:
         Path(run_dir, ERROR_FILE).write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
         raise
-    summary = write_outcome(spec, outcome, started)
+    summary = write_results(run_dir, spec.rounds, outcome, started, ENGINE)
     print(f"done: accuracy {summary['final_accuracy']:.4f}, up {summary['cum_up_bytes'] / 2**20:.2f} MiB, "
           f"down {summary['cum_down_bytes'] / 2**20:.2f} MiB, {summary['wall_s']:.1f} s -> {run_dir}", flush=True)
-
-
-def write_outcome(spec: ServerSpec, outcome: RunOutcome, started: float) -> dict[str, Any]:
-    """``final_model.pt`` and ``summary.json`` (README, "Run directory"), each written atomically."""
-    run_dir = Path(spec.run_dir)
-    _atomic(run_dir / FINAL_MODEL_FILE, lambda tmp: torch.save(outcome.final_arrays.to_torch_state_dict(), tmp))
-    evaluated = [r for r in outcome.rows if r["accuracy"] is not None]
-    last = outcome.rows[-1]
-    summary = {
-        "status": "complete",
-        "rounds": spec.rounds,
-        "final_accuracy": evaluated[-1]["accuracy"],
-        "final_loss": evaluated[-1]["loss"],
-        "best_accuracy": max(r["accuracy"] for r in evaluated),
-        "cum_up_bytes": last["cum_up_bytes"],
-        "cum_down_bytes": last["cum_down_bytes"],
-        "control_bytes": outcome.control_bytes,
-        "wall_s": round(time.time() - started, 3),
-        "engine": ENGINE,
-    }
-    _atomic(run_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
-    return summary
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
