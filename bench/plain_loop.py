@@ -2,8 +2,10 @@
 
 Same data, partition, model, client sampling, local trainer and aggregation as
 ``python -m fl.simulate strategy=fedavg``, with none of Flower: for each sampled client, load the
-global weights, train, keep a copy of the weights; then the sample-weighted mean. torch uses all
-cores for its intra-op threads. Writes a JSON with per-round seconds and the first-train time.
+global weights, train, keep a copy of the weights; then the sample-weighted mean. Like the engine
+(with ``eval_every=0``) it evaluates the initial model (after round 1, when the engine does) and the
+final one on the test set, so both do the same work. torch uses all cores for its intra-op
+threads. Writes a JSON with per-round seconds and the first-train time.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from clients.dense import ClientData, TrainHyper, train_dense  # noqa: E402
+from clients.dense import ClientData, TrainHyper, evaluate, train_dense  # noqa: E402
 from fl.sampling import sample_partitions, seed_for  # noqa: E402
 from fl.specs import DataSpec, ModelSpec, freeze  # noqa: E402
 from strategies import weighted_mean  # noqa: E402
@@ -43,6 +46,8 @@ def main() -> None:
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     hyper = TrainHyper()
     per_round = max(int(args.num_clients * args.fraction), 2)
+    test = ClientData(federation.test, np.arange(len(federation.test)))
+    initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     first_train = None
     round_seconds = []
     for server_round in range(1, args.rounds + 1):
@@ -56,6 +61,12 @@ def main() -> None:
             states.append({k: v.clone() for k, v in model.state_dict().items()})
             weights.append(float(len(client)))
         global_state = weighted_mean(states, weights)
+        if server_round == 1:  # the initial model, evaluated when the engine does (after round 1's training)
+            model.load_state_dict(initial_state)
+            evaluate(model, test)
+        if server_round == args.rounds:
+            model.load_state_dict(global_state)
+            evaluate(model, test)
         round_seconds.append(time.perf_counter() - started)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump({"round_seconds": round_seconds, "first_train_s": first_train - LAUNCHED_AT}, fh)

@@ -95,6 +95,7 @@ class RoundReporter:
         self.eval_metrics: dict[str, float] = {}
         self.rows: list[dict[str, Any]] = []
         self.offset = 0  # rounds already done before this process (a resumed run)
+        self.initial: tuple[ArrayRecord, Any, float] | None = None  # round 0, reported after round 1
         if resumed is not None:
             self.cum_up, self.cum_down, self.rows = resumed["cum_up"], resumed["cum_down"], list(resumed["rows"])
             self.cum_sim_s = resumed.get("cum_sim_s", 0.0)
@@ -124,15 +125,24 @@ class RoundReporter:
 
     def __call__(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = flower_round + self.offset
-        if flower_round == 0 and self.offset > 0:  # the resumed model: its round is logged already
-            self.grid.close_round()
+        if flower_round == 0:
+            traffic = self.grid.close_round()  # round 0 has sent nothing (discovery is control traffic)
+            if self.offset == 0:
+                # The initial model is evaluated and logged after round 1's replies are in, so that the
+                # first clients start training at once (the row is the same; only its timing moves).
+                self.initial = (ArrayRecord(arrays.to_torch_state_dict()), traffic, round(time.time() - self.started, 4))
             self._before_round(server_round + 1)
             return None
+        if self.initial is not None:
+            self._report(0, *self.initial)
+            self.initial = None
+        return self._report(server_round, arrays, self.grid.close_round())
+
+    def _report(self, server_round: int, arrays: ArrayRecord, traffic: Any, wall_s: float | None = None) -> MetricRecord | None:
         plugin_scalars: dict[str, float] = {}
         if server_round > 0:
             for plugin in self.plugins:
                 plugin_scalars.update(self.logger.log_report(plugin.name, plugin.after_aggregate(self.view, server_round, arrays), server_round))
-        traffic = self.grid.close_round()  # round 0 has sent nothing (discovery is control traffic)
         self.cum_up += traffic.up_bytes
         self.cum_down += traffic.down_bytes
         self.cum_sim_s += traffic.sim_s
@@ -161,15 +171,16 @@ class RoundReporter:
             "failures": traffic.failures,
             "rejected": len(self.rejections.get(server_round, [])),
             "stragglers": traffic.stragglers,
-            "wall_s": round(time.time() - self.started, 4),
+            "wall_s": round(time.time() - self.started, 4) if wall_s is None else wall_s,
         }
         if self.spec.clock is not None:
             row["sim_s"] = traffic.sim_s
             row["cum_sim_s"] = self.cum_sim_s
         row.update(extra_eval)
-        row.update({f"train/{k}": v for k, v in self.train_metrics.items()})
-        row.update({f"fed_eval/{k}": v for k, v in self.eval_metrics.items()})
-        self.train_metrics, self.eval_metrics = {}, {}
+        if server_round > 0:  # the deferred round-0 row must not take round 1's client metrics
+            row.update({f"train/{k}": v for k, v in self.train_metrics.items()})
+            row.update({f"fed_eval/{k}": v for k, v in self.eval_metrics.items()})
+            self.train_metrics, self.eval_metrics = {}, {}
         for plugin in self.plugins:
             plugin_scalars.update(self.logger.log_report(plugin.name, plugin.after_round(self.view, server_round, row), server_round))
         row.update(plugin_scalars)
@@ -185,7 +196,8 @@ class RoundReporter:
         if self.checkpoint is not None and server_round > 0 and every > 0 and (
                 server_round % every == 0 or server_round == self.spec.rounds):
             self.checkpoint(server_round, arrays)
-        self._before_round(server_round + 1)
+        if server_round > 0:  # round 1's hooks ran before it started
+            self._before_round(server_round + 1)
         return MetricRecord({"accuracy": accuracy, "loss": loss}) if evaluated else None
 
     def _before_round(self, server_round: int) -> None:

@@ -13,8 +13,12 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if k != "wall_s" and "seconds" not in k} for r in rows]
 
 
-def test_inprocess_and_ray_identical(tmp_path):
-    overrides = ["seed=5", "rounds=2"]
+@pytest.mark.parametrize("strategy", [
+    [],  # FedAvg
+    ["strategy=feddst", "strategy.r_adj=1", "strategy.r_end=2"],  # sparse: masks readjusted on the clients, in Context.state
+])
+def test_inprocess_and_ray_identical(tmp_path, strategy):
+    overrides = ["seed=5", "rounds=2", *strategy]
     _, dir_a = run_inprocess(tmp_path / "inprocess", overrides + ["engine=inprocess"])
     summary, dir_b = run_inprocess(tmp_path / "ray", overrides + ["engine=ray"])
     assert summary["engine"] == "ray"
