@@ -1,5 +1,6 @@
 """Client side: the ClientApp (``clients.app``) and the trainers it dispatches to by name."""
 
+from clients import agilenn_trainer  # noqa: F401  (registers "agilenn": AgileNN split training)
 from clients import delta_trainer  # noqa: F401  (registers "delta": DELTA-factorized)
 from clients import dense_trainer  # noqa: F401  (registers "dense")
 from clients import hermes_trainer  # noqa: F401  (registers "hermes")

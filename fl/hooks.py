@@ -30,12 +30,14 @@ from fl.registry import Registry
 
 @dataclass
 class Report:
-    """What a hook hands to the logger: scalars, histograms (1-D arrays), images (HWC uint8), text."""
+    """What a hook hands to the logger: scalars, histograms (1-D arrays), images (HWC uint8), text,
+    and files (name in the run directory -> text, e.g. a self-contained HTML report)."""
 
     scalars: dict[str, float] = field(default_factory=dict)
     histograms: dict[str, np.ndarray] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict)
     text: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fl.hooks import Report
+from fl.results import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -81,6 +82,10 @@ class RunLogger:
             for key, text in report.text.items():
                 self._tb.add_text(f"plugin/{plugin}/{key}", text, step)
             self._tb.flush()
+        for name, text in report.files.items():
+            if Path(name).name != name:
+                raise ValueError(f"plugin {plugin}: a report file is a plain name in the run directory, got {name!r}")
+            atomic_write_text(self.run_dir / name, text)
         return scalars
 
     def close(self) -> None:

@@ -1,0 +1,73 @@
+"""``xdelta``: at the end of a DELTA run, explain why the edge fails where the base succeeds.
+
+``plugins=[xdelta]`` with ``model=delta`` (``sim=delta_100clients``): on the final global model
+(the fused edge+DELTA; ``on_run_end``) and the pair's base (loaded from the pair cache that
+``model.pair`` and ``model.cache_dir`` name, interpolated by ``sim_configs/plugins/xdelta.yaml``),
+on the first ``samples`` images of the central test set, the plugin runs ``analysis.analyze`` and
+returns a Report: category counts, mean overlap and locality per category, missed-concept
+frequencies, the opportunistic and compression tables, histograms of the per-sample scores and
+overlay grids (``plugin/xdelta/...`` in TensorBoard). The self-contained HTML report
+(``report_file``, default ``xdelta_report.html`` in the run directory) goes in the Report's files,
+which the run's logger writes atomically.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from flwr.app import ArrayRecord
+
+from fl.hooks import Plugin, Report, RunView, register_plugin
+from plugins.xdelta.analysis import XDeltaSettings, analyze, html, to_report
+from plugins.xdelta.categories import Thresholds
+
+
+@register_plugin("xdelta")
+class XDelta(Plugin):
+    def __init__(self, samples: int = 500, reference: str = "base", batch_size: int = 100, examples: int = 8,
+                 top_concepts: int = 5, thresholds: Mapping[str, Any] | None = None, opportunistic: bool = True,
+                 gate_thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9), weak_classes: int = 3,
+                 compression: bool = False, sparsities: Sequence[float] = (0.3, 0.5, 0.7), finetune_epochs: int = 2,
+                 delta_epochs: int = 5, train_samples: int = 1000, pair: Mapping[str, Any] | None = None,
+                 cache_dir: str = ".cache/delta", report_file: str | None = "xdelta_report.html", seed: int = 0):
+        self.settings = XDeltaSettings(
+            samples=int(samples), reference=str(reference), thresholds=Thresholds(**dict(thresholds or {})),
+            batch_size=int(batch_size), examples=int(examples), top_concepts=int(top_concepts),
+            opportunistic=bool(opportunistic), gate_thresholds=tuple(float(t) for t in gate_thresholds),
+            weak_classes=int(weak_classes), compression=bool(compression),
+            sparsities=tuple(float(s) for s in sparsities), finetune_epochs=int(finetune_epochs),
+            delta_epochs=int(delta_epochs), train_samples=int(train_samples), seed=int(seed))
+        if reference not in ("base", "fused"):
+            raise ValueError(f"xdelta.reference must be base or fused, got {reference!r}")
+        self.pair, self.cache_dir, self.report_file = pair, str(cache_dir), report_file
+        self._latest: ArrayRecord | None = None
+
+    def after_aggregate(self, run: RunView, server_round: int, arrays: ArrayRecord) -> Report | None:
+        self._latest = arrays
+        return None
+
+    def on_run_end(self, run: RunView) -> Report | None:
+        from fl.delta.network import FusedDelta
+
+        fused = run.load_global(run.initial_arrays if self._latest is None else self._latest)
+        if not isinstance(fused, FusedDelta):
+            raise ValueError(f"xdelta explains a fused edge+DELTA model (model=delta); this run's model is a "
+                             f"{type(fused).__name__}")
+        fused.eval()
+        base, train = self._pair()
+        result = analyze(fused, base, run.federation.test, self.settings, train)
+        report = to_report(result, run.federation.test, self.settings)
+        if self.report_file:  # written by the run's logger, atomically
+            report.files[self.report_file] = html(result, run.federation.test, self.settings)
+        return report
+
+    def _pair(self):
+        """The pair's base and server split, or (None, None) without a pair (then edge+DELTA is the reference)."""
+        if not self.pair:
+            return None, None
+        from fl.delta.pair import PairSpec, ensure_pair, server_split
+
+        spec = PairSpec.from_options(self.pair)
+        pair = ensure_pair(spec, self.cache_dir)
+        return pair.base.eval(), server_split(spec)[0]
+
