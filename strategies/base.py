@@ -18,6 +18,7 @@ The algorithm itself (configure, train, aggregate) is written out in each strate
 from __future__ import annotations
 
 import logging
+from collections import abc
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -110,10 +111,11 @@ class FederatedStrategy(FlowerFedAvg):
             return f"{self.weighted_by_key} is {weight!r}"
         return layout.check(content[ARRAYS]) if layout is not None else None
 
-    def decode_replies(self, replies: Sequence[Message]) -> tuple[list[State], list[float]]:
-        states = [self.up_codec.decode(reply.content[ARRAYS], self.reference) for reply in replies]
+    def decode_replies(self, replies: Sequence[Message]) -> tuple[Sequence[State], list[float]]:
+        """The replies' states, decoded one at a time as they are read (``DecodedStates``), and
+        their aggregation weights."""
         weights = [float(reply.content[METRICS][self.weighted_by_key]) for reply in replies]
-        return states, weights
+        return DecodedStates(self.up_codec, self.reference, replies), weights
 
     # -- checkpointing -----------------------------------------------------------------------
 
@@ -159,18 +161,38 @@ class PayloadLayout:
         return None
 
 
+class DecodedStates(abc.Sequence):
+    """Replies' payloads decoded on access, so that aggregating N updates holds one decoded state
+    at a time next to the replies, not N of them (80 x 2 MiB for ``cnn_small`` at N=100)."""
+
+    def __init__(self, codec, reference: Mapping[str, torch.Tensor], replies: Sequence[Message]):
+        self.codec, self.reference, self.replies = codec, reference, list(replies)
+
+    def __len__(self) -> int:
+        return len(self.replies)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.codec.decode(self.replies[i].content[ARRAYS], self.reference)
+
+
 def weighted_mean(states: Sequence[State], weights: Sequence[float]) -> State:
     """sum_k n_k w_k / sum_k n_k per tensor, accumulated in float64 in the given order.
 
+    One pass over the states (each is read once: a ``DecodedStates`` decodes it then), adding it to
+    every tensor's accumulator; per tensor the terms are added in the states' order.
     Integer buffers (BatchNorm's ``num_batches_tracked``) get the rounded weighted mean.
     """
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("aggregation weights must sum to a positive number")
-    out: State = {}
-    for name, first in states[0].items():
-        acc = torch.zeros(first.shape, dtype=torch.float64)
-        for state, weight in zip(states, weights):
-            acc.add_(state[name].to(torch.float64), alpha=weight / total)
-        out[name] = acc.round().to(first.dtype) if not first.is_floating_point() else acc.to(first.dtype)
-    return out
+    acc: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for state, weight in zip(states, weights):
+        for name, tensor in state.items():
+            if name not in acc:
+                acc[name], dtypes[name] = torch.zeros(tensor.shape, dtype=torch.float64), tensor.dtype
+            acc[name].add_(tensor.to(torch.float64), alpha=weight / total)
+    return {name: a.round().to(dtypes[name]) if not dtypes[name].is_floating_point else a.to(dtypes[name])
+            for name, a in acc.items()}
