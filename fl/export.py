@@ -17,9 +17,13 @@ each file is loaded back (TorchScript by torch, ONNX by onnxruntime when it is i
 its outputs on random input compared with the PyTorch model; the largest difference is recorded
 and an export that disagrees beyond ``--atol`` fails.
 
-The edge model is the run's model (the model a device trains; under the DELTA strategy, its edge
-model). The fused edge+DELTA model of a tier (``--tier``) needs the DELTA strategy (issue 4) and
-is not exported yet.
+The exported model is the run's model. For a DELTA run (``model=delta``) that is the fused
+edge+DELTA model at full width; ``--tier k`` exports tier k of the run's ``strategy.tiers`` instead
+(``fl.delta.network.tier_model``: the width-w prefix blocks of the DELTA with E and the base's
+classifier), the model a device of that tier runs, and ``--edge-only`` exports E alone (a device
+that runs no DELTA):
+
+    python -m fl.export --run runs/<delta run> --tier 3          # the narrowest of the four tiers
 """
 
 from __future__ import annotations
@@ -157,6 +161,26 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                              "source": str(folder.resolve() / "final_model.pt")}}
 
 
+def delta_part(model: nn.Module, info: dict[str, Any], run_dir: str | Path, tier: int | None
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Tier ``tier`` of a DELTA run's fused model (``None``: its edge model E alone)."""
+    from omegaconf import OmegaConf
+
+    from fl.delta.network import FusedDelta, tier_model
+
+    if not isinstance(model, FusedDelta):
+        raise ConfigError("--tier", f"{run_dir} is not a DELTA run (its model is {info['name']}); export it without "
+                                    "--tier/--edge-only")
+    if tier is None:
+        return model.edge, {**info, "name": f"{info['name']}_edge", "extra": {**info["extra"], "part": "edge"}}
+    tiers = [float(w) for w in OmegaConf.load(Path(run_dir) / "config.yaml").strategy.tiers]
+    if not 0 <= tier < len(tiers):
+        raise ConfigError("--tier", f"must be in [0, {len(tiers) - 1}] (the run's tiers: {tiers}), got {tier}")
+    width = tiers[tier]
+    return tier_model(model.eval(), width), {**info, "name": f"{info['name']}_tier{tier}",
+                                             "extra": {**info["extra"], "tier": tier, "width": width}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fl.export", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -169,14 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: <run>/export, else ./export)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="largest accepted output difference")
-    parser.add_argument("--tier", type=int, help="fused edge+DELTA model of this tier (needs DELTA, issue 4)")
+    parser.add_argument("--tier", type=int, help="with --run of a DELTA run: the fused edge+DELTA model of this "
+                                                  "tier (index into the run's strategy.tiers)")
+    parser.add_argument("--edge-only", action="store_true", help="with --run of a DELTA run: the edge model E alone")
     args = parser.parse_args(argv)
     try:
-        if args.tier is not None:
-            raise ConfigError("--tier", "the fused edge+DELTA export needs the DELTA strategy (issue 4), which this "
-                                        "build does not have yet; export the edge model without --tier")
+        if (args.tier is not None or args.edge_only) and not args.run:
+            raise ConfigError("--tier" if args.tier is not None else "--edge-only", "needs --run <a DELTA run directory>")
         if args.run:
             model, info = load_run(args.run)
+            if args.tier is not None or args.edge_only:
+                model, info = delta_part(model, info, args.run, args.tier)
             out = args.out or str(Path(args.run) / "export")
         else:
             from fl.models import get_model

@@ -262,6 +262,13 @@ class DeltaFactorized(FederatedStrategy):
         return self.tiers[self.tier_index(partition)]
 
     def tier_index(self, partition: int) -> int:
+        """The partition's tier: the one its device reported (a deployment; ``fl.deploy.device``),
+        else the run's assignment (``assign_tiers``)."""
+        reported = self._directory.reported_tier.get(partition) if self._directory else None
+        if reported is not None:
+            if not 0 <= reported < len(self.tiers):
+                raise ValueError(f"partition {partition} reported tier {reported}; this run has {len(self.tiers)} tiers")
+            return reported
         if self._tier_of is None:
             self._tier_of = assign_tiers(self.min_available_nodes, len(self.tiers), self.tier_assignment,
                                          self.device, self.seed)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tests pin their local training (the shipped defaults may be retuned) and skip checkpoints.
@@ -29,6 +30,8 @@ def run_inprocess(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
     other_data = any(o.startswith("data=") for o in overrides)
     cfg = compose_config(SMALL + ([] if other_data else SMALL_SYNTHETIC) + overrides)
     server, engine, faults = build(cfg, str(tmp_path))
+    Path(tmp_path).mkdir(parents=True, exist_ok=True)
+    Path(tmp_path, "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")  # as fl.simulate does
     return execute(server, engine, faults=faults), tmp_path
 
 

@@ -19,7 +19,7 @@ from fl.delta.slices import (FROZEN_STATE, WIDTH, WITH_FROZEN, download_layout, 
                              upload_layout)
 from fl.directory import NodeDirectory
 from fl.errors import ConfigError
-from fl.keys import ARRAYS, CODEC, CONFIG, EPOCHS, LR, METRICS, NUM_EXAMPLES, UP_CODEC
+from fl.keys import ARRAYS, CONFIG, DELTA_TIER, EPOCHS, LR, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fl.payload import get_codec, payload_bytes
 from fl.runlog import read_metrics
 from fl.specs import ClientSpec, DataSpec, ModelSpec, freeze
@@ -327,3 +327,35 @@ def _model_options(tmp_path):
     options = OmegaConf.to_container(cfg.model, resolve=True)
     options.pop("name")
     return options
+
+
+class _QueryGrid(_Grid):
+    """A deployment's grid as the directory sees it: nodes answer the partition query, some with
+    the DELTA tier their device reported (fl.deploy.device)."""
+
+    def __init__(self, answers):
+        super().__init__(answers)
+        self.answers = answers  # node -> (partition, tier or None)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            partition, tier = self.answers[message.metadata.dst_node_id]
+            metrics = {PARTITION_ID: partition, **({} if tier is None else {DELTA_TIER: tier})}
+            reply = Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+            replies.append(reply)
+        return replies
+
+
+def test_a_tier_reported_by_a_device_overrides_the_assignment():
+    grid = _QueryGrid({21: (0, 3), 22: (1, None), 23: (2, 0), 24: (3, None)})
+    directory = NodeDirectory.discover(grid)
+    assert directory.node_of_partition == {0: 21, 1: 22, 2: 23, 3: 24} and directory.reported_tier == {0: 3, 2: 0}
+    strategy = DeltaFactorized(fraction_train=1.0, min_train_nodes=1, min_available_nodes=4, build_model=_model)
+    assigned = [strategy.tier_index(p) for p in range(4)]  # the run's own (seeded, equal) assignment
+    strategy._directory = directory
+    assert [strategy.tier_index(p) for p in range(4)] == [3, assigned[1], 0, assigned[3]]
+    strategy._directory = NodeDirectory({0: 21}, {0: 9})
+    with pytest.raises(ValueError, match="reported tier 9"):
+        strategy.tier_index(0)

@@ -84,6 +84,37 @@ def test_export_from_a_run_folds_the_datasets_normalization(tmp_path, capsys):
                                        atol=1e-4)
 
 
-def test_fused_tier_export_is_refused_until_delta_exists(capsys):
+def test_fused_tier_export_needs_a_delta_run(capsys):
     assert main(["--model", "cnn_small", "--tier", "1"]) == 2
-    assert "DELTA" in capsys.readouterr().err
+    assert "--tier: needs --run" in capsys.readouterr().err
+
+
+def test_a_delta_runs_tier_and_edge_export_compute_what_the_tier_model_computes(tmp_path, capsys):
+    """``--run <DELTA run> --tier k``: the fused edge+DELTA model of tier k, as the device runs it."""
+    pytest.importorskip("onnxruntime")
+    from omegaconf import OmegaConf
+
+    from fl.delta.network import FusedDelta, tier_model
+    from fl.export import load_run
+    from tests.helpers import run_inprocess
+    from tests.test_delta_strategy import TINY
+
+    _, run_dir = run_inprocess(tmp_path / "run", ["sim=delta_100clients", "num_clients=4", "fraction_fit=0.5",
+                                                  "rounds=1", f"model.cache_dir={tmp_path}/cache", *TINY])
+    fused, info = load_run(run_dir)
+    assert isinstance(fused, FusedDelta)
+    tiers = [float(w) for w in OmegaConf.load(run_dir / "config.yaml").strategy.tiers]
+    assert main(["--run", str(run_dir), "--tier", "3", "--out", str(tmp_path / "t3")]) == 0
+    assert main(["--run", str(run_dir), "--edge-only", "--out", str(tmp_path / "edge")]) == 0
+    meta = json.loads((tmp_path / "t3" / "delta_fused_tier3.json").read_text())
+    assert meta["width"] == tiers[3] and set(meta["files"]) == {"torchscript", "onnx"}
+    tier = Normalized(tier_model(fused.eval(), tiers[3]), info["mean"], info["std"]).eval()
+    assert sum(p.numel() for p in tier.parameters()) < sum(p.numel() for p in fused.parameters())
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = tier(pixels)
+        edge = Normalized(fused.edge, info["mean"], info["std"]).eval()(pixels)
+    for fmt in ("torchscript", "onnx"):
+        torch.testing.assert_close(run_exported(tmp_path / "t3" / meta["files"][fmt], pixels), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(run_exported(tmp_path / "edge" / "delta_fused_edge.onnx", pixels), edge, rtol=0, atol=1e-4)
+    assert main(["--run", str(run_dir), "--tier", "4"]) == 2 and "must be in [0, 3]" in capsys.readouterr().err

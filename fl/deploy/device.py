@@ -37,14 +37,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fl.deploy.run_config import compose, log, overrides_from
 from fl.errors import ConfigError
-from fl.keys import CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
+from fl.keys import CONFIG, DELTA_TIER, METRICS, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
 from fl.payload import payload_bytes
 from fl.specs import ClientSpec
 
 DATA_ROOT = "data-root"
 THREADS = "threads"
 DEVICE_PROFILE = "device-profile"
-DELTA_TIER = "delta-tier"  # node config key, and the metric a node reports in its query reply
 LOG_DIR = "log-dir"
 MESSAGES_FILE = "messages.jsonl"
 NUM_TIERS = 4  # DELTA's width tiers (DESIGN.md section 3; strategies.delta): nested prefixes, 0 = full width
