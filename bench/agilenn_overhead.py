@@ -124,7 +124,7 @@ def accuracy(args, fed, x, y) -> None:
         plain_acc = float(sum(int((plain(xb).argmax(1) == yb).sum()) for xb, yb in test_batches)) / len(yt)
     plain_s = time.perf_counter() - started
 
-    print(f"accuracy: {len(y)} train / {len(yt)} test synthetic images, SGD lr {args.lr} momentum 0.9 wd 5e-4, "
+    print(f"accuracy: {len(y)} train / {len(yt)} test synthetic images (difficulty {fed.train.difficulty}), SGD lr {args.lr} momentum 0.9 wd 5e-4, "
           f"batch {args.batch_size}; AgileNN: {args.pretrain_epochs} pretrain + {args.epochs} epochs "
           f"(rho {args.rho}, lambda {args.lam}), {split_s:.0f} s; unsplit: {args.pretrain_epochs + args.epochs} epochs, {plain_s:.0f} s")
     print(f"  after Algorithm 1 (before AgileNN training): skewness {before['skewness']:.3f}, "
@@ -152,10 +152,12 @@ def main() -> None:
     p.add_argument("--rho", type=float, default=0.8)
     p.add_argument("--lam", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", type=float, default=None, help="synthetic scene difficulty (default: the data's)")
     p.add_argument("--skip-accuracy", action="store_true")
     args = p.parse_args()
+    options = {} if args.difficulty is None else {"difficulty": args.difficulty}
     fed = build_federation("synthetic", 1, args.seed, {"name": "iid"}, samples_per_client=args.train_size,
-                           test_size=args.test_size)
+                           test_size=args.test_size, **options)
     x, y = fed.train.get(np.arange(len(fed.train)))
     overhead(args, fed.num_classes, x, y)
     if not args.skip_accuracy:
