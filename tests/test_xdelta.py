@@ -419,7 +419,6 @@ def test_designed_weakness_points_at_the_part():
     for cls, eye in ((0, "left_eye"), (1, "right_eye")):
         top = e.concept_counts.top(1, cls)
         assert top and top[0][0] == eye
-    assert time.perf_counter() - started < 180
 
 
 def test_the_plugin_explains_the_final_model_of_a_delta_run(tmp_path):
