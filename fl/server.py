@@ -130,7 +130,7 @@ class RoundReporter:
             if self.offset == 0:
                 # The initial model is evaluated and logged after round 1's replies are in, so that the
                 # first clients start training at once (the row is the same; only its timing moves).
-                self.initial = (ArrayRecord(arrays.to_torch_state_dict()), traffic, round(time.time() - self.started, 4))
+                self.initial = (arrays, traffic, round(time.time() - self.started, 4))  # strategies never mutate it
             self._before_round(server_round + 1)
             return None
         if self.initial is not None:

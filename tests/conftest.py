@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from fl.engine.inprocess import identify_as_server
 
@@ -7,3 +8,13 @@ from fl.engine.inprocess import identify_as_server
 def _flower_task_identity():
     """Flower Messages need a process-wide task identity; the engines set it, unit tests here."""
     identify_as_server(1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module of small models (``pytestmark = usefixtures(...)``):
+    tiny batches gain nothing from threads, and spinning threads stall on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

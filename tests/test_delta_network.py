@@ -25,12 +25,7 @@ from fl.payload import keep_coordinates
 WIDTHS = (1.0, 1 / math.sqrt(2), 0.5, 1 / (2 * math.sqrt(2)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_arch(**changes) -> DeltaArch:

@@ -30,12 +30,7 @@ from tests.test_delta_network import tiny_arch
 SLICE = get_codec("channel_slice_fp32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed=0) -> FusedDelta:

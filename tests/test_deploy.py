@@ -234,6 +234,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+def _stop_family(name: str, family: list) -> list[str]:
+    """SIGTERM every process of ``family``, SIGKILL those alive after 15 s; returns "name/pid" of those."""
+    import psutil
+
+    for member in family:
+        try:
+            member.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=15)
+    for member in alive:
+        member.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [f"{name}/{member.pid}" for member in alive]
+
 class Processes:
     """Flower processes started by a test; ``stop`` ends each one and everything it spawned."""
 
@@ -277,16 +293,7 @@ class Processes:
                 family = [proc, *proc.children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
-            for member in family:
-                try:
-                    member.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(family, timeout=15)
-            for member in alive:
-                member.kill()
-                killed.append(f"{name}/{member.pid}")
-            psutil.wait_procs(alive, timeout=5)
+            killed += _stop_family(name, family)
         self.adopted.clear()
         for name, proc in reversed(list(self.started.items())):
             try:
@@ -301,16 +308,7 @@ class Processes:
                     proc.kill()
                     proc.wait(timeout=15)
                     killed.append(name)
-            for child in family:
-                try:
-                    child.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(family, timeout=15)
-            for child in alive:
-                child.kill()
-                killed.append(f"{name}/{child.pid}")
-            psutil.wait_procs(alive, timeout=5)
+            killed += _stop_family(name, family)
         self.started.clear()
         return killed
 

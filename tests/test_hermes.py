@@ -30,12 +30,7 @@ from tests.helpers import run_inprocess
 NPY_HEADER = 128  # bytes NumPy's .npy header takes for each 1-D array Flower serializes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_cnn():
