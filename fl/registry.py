@@ -3,6 +3,7 @@ strategies, plugins) is one of these, so a user's addition is one decorated func
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Callable, Generic, Iterator, TypeVar
 
 from fl.errors import ConfigError
@@ -17,6 +18,12 @@ class Registry(Generic[T]):
         self.kind = kind
         self.config_key = config_key
         self._entries: dict[str, T] = {}
+        self._declared: dict[str, str] = {}  # name -> module that registers it when imported
+
+    def declare(self, name: str, module: str) -> None:
+        """``name`` is registered by importing ``module``, which happens on its first lookup: a
+        heavy extension (captum for XDelta) costs nothing to a run that does not use it."""
+        self._declared[name] = module
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -28,6 +35,8 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        if name not in self._entries and name in self._declared:
+            import_module(self._declared[name])
         try:
             return self._entries[name]
         except KeyError:
@@ -35,10 +44,10 @@ class Registry(Generic[T]):
             raise ConfigError(self.config_key, f"unknown {self.kind} {name!r}; allowed: {allowed}") from None
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted({*self._entries, *self._declared})
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._declared
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -33,17 +33,24 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard:
+        self._tensorboard = tensorboard
+        self._purge_step = purge_step  # a resumed run drops the killed run's events from that round on
+        self._writer = None
+
+    @property
+    def _tb(self):
+        """The SummaryWriter, opened at the first write: importing TensorBoard stays off the path
+        to the first client's training."""
+        if self._writer is None and self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: a resumed run drops the killed run's events from that round on
-            self._tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+            self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self._purge_step)
+        return self._writer
 
     def log_round(self, row: Mapping[str, Any], per_client_up: np.ndarray | None = None) -> None:
         self._metrics.write(json.dumps(_jsonable(row)) + "\n")
         self._metrics.flush()
-        if self._tb is None:
+        if not self._tensorboard:
             return
         step = int(row["round"])
         for key in ("accuracy", "loss"):
@@ -72,7 +79,7 @@ class RunLogger:
         if report is None:
             return {}
         scalars = {f"plugin/{plugin}/{k}": float(v) for k, v in report.scalars.items()}
-        if self._tb is not None:
+        if self._tensorboard:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
             for key, values in report.histograms.items():
@@ -90,8 +97,8 @@ class RunLogger:
 
     def close(self) -> None:
         self._metrics.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def truncate_metrics(run_dir: str | os.PathLike, last_round: int) -> None:

@@ -1,7 +1,7 @@
-"""Plugins shipped with the simulator; each registers itself by name (``plugins=[name,...]``)."""
+"""Plugins shipped with the simulator (``plugins=[name,...]``). Each module registers its plugin
+when imported; the names are only declared here, so a run imports just the plugins it uses."""
 
-from plugins import agilenn  # noqa: F401  (registers "agilenn")
-from plugins import compression  # noqa: F401  (registers "compression")
-from plugins import geometry  # noqa: F401  (registers "geometry")
-from plugins import update_norms  # noqa: F401  (registers "update_norms")
-from plugins import xdelta  # noqa: F401  (registers "xdelta")
+from fl.hooks import PLUGINS
+
+for _name in ("agilenn", "compression", "geometry", "update_norms", "xdelta"):
+    PLUGINS.declare(_name, f"plugins.{_name}")

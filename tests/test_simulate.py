@@ -120,6 +120,19 @@ def test_user_plugin_from_test_file(tmp_path):
     assert rows[1]["plugin/update_norms/update_l2"] > 0
 
 
+def test_startup_imports_only_what_the_run_uses():
+    """Plugins are declared, not imported: a plain run never loads captum (about 1 s here), and
+    TensorBoard loads at the first write, after the first clients have started."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, fl.config, fl.run; from fl.hooks import PLUGINS; "
+             "before = [m for m in ('captum', 'torch.utils.tensorboard') if m in sys.modules]; "
+             "names = PLUGINS.names(); PLUGINS.get('xdelta'); print(before, names, 'captum' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] ['agilenn', 'compression', 'geometry', 'update_norms', 'xdelta'] True"
+
+
 # -- bad input: one line naming the key, non-zero exit, nothing left behind --------------------------
 
 @pytest.mark.parametrize("override,key", [
