@@ -7,6 +7,11 @@ in the same invocation (this machine is shared and noisy: compare ratios, not se
 
     python bench/engine_overhead.py                  # N = 10, 100, 1000 (about 6 minutes)
     python bench/engine_overhead.py --sizes 1000 --rounds 4 --skip-ray
+    python bench/engine_overhead.py --sizes 100 1000 --skip-ray --repeats 3   # interleaved repeats
+
+With ``--repeats k`` every engine runs k times, interleaved with the plain loop (plain, inprocess,
+ray, plain, ...), and each figure is the median over the k runs: on a shared machine one run's
+per-round time moves by 10-20% from run to run.
 
 Per-round time: median over rounds 2..R-1 (round 1 warms caches; the last round evaluates).
 Memory: peak PSS of the whole process tree (Ray's raylet, GCS and workers included), sampled
@@ -90,11 +95,19 @@ def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict
             "first_train_s": summary.get("first_train_s")}
 
 
+def median_run(runs: list[dict]) -> dict:
+    firsts = [r["first_train_s"] for r in runs if r["first_train_s"] is not None]
+    return {"round_s": statistics.median(r["round_s"] for r in runs),
+            "peak_pss": statistics.median(r["peak_pss"] for r in runs),
+            "first_train_s": statistics.median(firsts) if firsts else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per engine; medians are reported")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     print(f"{'N':>5} {'engine':>10} {'s/round':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} {'first train s':>14}")
@@ -102,10 +115,13 @@ def main() -> None:
         tmp = Path(tmp_name)
         for n in args.sizes:
             fraction = SIZES[n]
-            base = plain(n, fraction, args.rounds, tmp, env)
-            results = {"plain": base, "inprocess": engine("inprocess", n, fraction, args.rounds, tmp, env)}
-            if not args.skip_ray:
-                results["ray"] = engine("ray", n, fraction, args.rounds, tmp, env)
+            runs: dict[str, list[dict]] = {}
+            for _ in range(max(args.repeats, 1)):
+                runs.setdefault("plain", []).append(plain(n, fraction, args.rounds, tmp, env))
+                for name in ("inprocess",) if args.skip_ray else ("inprocess", "ray"):
+                    runs.setdefault(name, []).append(engine(name, n, fraction, args.rounds, tmp, env))
+            results = {name: median_run(rs) for name, rs in runs.items()}
+            base = results["plain"]
             for name, r in results.items():
                 first = "-" if r["first_train_s"] is None else f"{r['first_train_s']:.2f}"
                 print(f"{n:>5} {name:>10} {r['round_s']:>8.3f} {r['round_s'] / base['round_s']:>8.2f} "
