@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl.delta.construct import ConstructionSpec, correlation_scores, ensure_delta
+from fl.delta.construct import ConstructionSpec, TierBranches, correlation_scores, ensure_delta, translate
 from fl.delta.extract import (CONV_RATES, ExtractSettings, blocks_of, choose_depth, fold_block, kept_count,
                               learn_sparsity, prune_base, rate_masks)
 from fl.delta.network import (DeltaArch, FusedDelta, delta_macs, delta_params, fnc_loss, group_lasso,
@@ -143,6 +143,32 @@ def test_tier_model_runs_and_its_concat_keeps_all_of_the_edge_pool():
         # the resizer's first P input columns (E's pooled map) are the full model's
         p = model.arch.edge_pool_dim
         assert torch.equal(tier.resizer[0].weight[:, :p], model.resizer[0].weight[: tier.arch.resizer_hidden, :p])
+
+
+def test_tier_branches_equal_the_tier_model_and_train_the_full_prefix():
+    model = tiny_fused(seed=1)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        pool, feat = model.edge_outputs(x)
+    for width in WIDTHS[1:]:
+        through_views = TierBranches(model, width)(x, pool, feat)
+        with torch.no_grad():
+            expected = tier_model(model, width).branches(x)
+        assert torch.allclose(through_views.fused, expected.fused, atol=1e-6)
+    model.zero_grad()
+    TierBranches(model, WIDTHS[-1])(x, pool, feat).fused.square().sum().backward()
+    grad = model.delta.proj.weight.grad  # [d, C]: only the narrow tier's block moves
+    d, c = tier_model(model, WIDTHS[-1]).delta.proj.weight.shape
+    assert grad[:d, :c].abs().sum() > 0 and grad[d:].abs().sum() == 0 and grad[:, c:].abs().sum() == 0
+
+
+def test_translation_keeps_shape_and_moves_by_at_most_shift():
+    image = torch.zeros(1, 1, 9, 9)
+    image[0, 0, 4, 4] = 1.0
+    moved = translate(image.expand(50, 1, 9, 9), 2, torch.Generator().manual_seed(0))
+    assert moved.shape == (50, 1, 9, 9)
+    rows, cols = moved[:, 0].flatten(1).argmax(1) // 9, moved[:, 0].flatten(1).argmax(1) % 9
+    assert (rows - 4).abs().max() <= 2 and (cols - 4).abs().max() <= 2 and len(set(zip(rows.tolist(), cols.tolist()))) > 10
 
 
 def test_order_by_importance_keeps_the_function_and_sorts_filters():
@@ -288,6 +314,13 @@ def test_construction_reports_every_figure_and_is_cached(tmp_path):
     assert all(torch.equal(again.state[k], built.state[k]) for k in built.state)
     other = ensure_delta(tiny_pair_spec(), tiny_construction(fnc=0.1), str(tmp_path))  # same pair, new DELTA
     assert other.directory.parent == built.directory.parent and other.directory != built.directory
+
+
+def test_slimmable_training_with_translation_builds_every_tier(tmp_path):
+    built = ensure_delta(tiny_pair_spec(), tiny_construction(slimmable=True, shift=2), str(tmp_path))
+    history = built.report["train_history"]
+    assert history[-1]["tier_mse"] > 0 and all(math.isfinite(v) for v in history[-1].values())
+    assert set(built.report["tiers"]) == {f"{w:.4f}" for w in WIDTHS}
 
 
 def test_the_budget_truncates_the_subgraph(tmp_path):

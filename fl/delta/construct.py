@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fl.delta.extract import ExtractSettings, build_delta, finetune_pruned, learn_sparsity, prune_base, summary
-from fl.delta.network import (DeltaArch, DeltaLossWeights, FusedDelta, delta_macs, delta_objective, delta_params,
-                              fuse, order_by_importance, tier_model)
+from fl.delta.network import (Branches, DeltaArch, DeltaLossWeights, FusedDelta, delta_macs, delta_objective,
+                              delta_params, fnc_loss, fuse, order_by_importance, tier_model, tier_shapes, tier_slice)
 from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, digest, \
     ensure_pair, predict, server_split, tensors, train_classifier
 from fl.errors import ConfigError
@@ -50,6 +50,8 @@ class DeltaTrainSettings:
     fnc: float = 0.05  # below half of the MSE weight, as the paper advises
     sr: float = 1e-4
     ce: float = 0.5  # not in the paper: + ce * CE(C_B(fused), y) on the server split's labels (0: the paper's loss)
+    shift: int = 0  # not in the paper: random translation by up to this many pixels (0: none)
+    slimmable: bool = False  # not in the paper: also train the narrowest and one random tier per batch
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def construct(pair: Pair, pair_spec: PairSpec, spec: ConstructionSpec,
 
     # 2. DELTA training with E and B frozen
     started = time.perf_counter()
-    history = train_delta(fused, base, x, y, spec.train, seed)
+    history = train_delta(fused, base, x, y, spec.train, seed, tiers)
     timings["train_s"] = round(time.perf_counter() - started, 1)
 
     # 3. importance order (tiers are prefixes)
@@ -204,18 +206,32 @@ def fused_outputs(fused: FusedDelta, x: Tensor, batch_size: int = 500) -> dict[s
 
 
 def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settings: DeltaTrainSettings,
-                seed: int) -> list[dict]:
-    """Adam on the DELTA (subgraph, SE, proj, resizer, adapter) with E and B frozen; B's features
-    and E's outputs are computed once (both frozen, no augmentation)."""
+                seed: int, tiers: tuple[float, ...] = DEFAULT_TIERS) -> list[dict]:
+    """Adam on the DELTA (subgraph, SE, proj, resizer, adapter) with E and B frozen. Without
+    augmentation B's features and E's outputs are computed once; with ``shift`` every batch is
+    translated at random and both are computed on the translated images.
+
+    ``slimmable``: the sandwich rule of slimmable networks (Yu and Huang, "Universally Slimmable
+    Networks and Improved Training Techniques", ICCV 2019) over the DELTA's nested tiers: each
+    batch adds the loss of the narrowest tier and of one other tier drawn at random, each computed
+    through prefix views of the full weights, so that every tier is a working DELTA and not only
+    the full one (the FL clients of the smaller tiers start from these prefixes)."""
     fused.freeze(edge=True)
-    with torch.no_grad():
-        base.eval()
-        target = torch.cat([base.forward_features(x[i:i + 500]) for i in range(0, len(x), 500)])
-        fused.edge.eval()
-        edge_out = [fused.edge_outputs(x[i:i + 500]) for i in range(0, len(x), 500)]
-        edge_pool = torch.cat([e[0] for e in edge_out])
-        edge_feat = torch.cat([e[1] for e in edge_out])
+    base.eval()
+    fused.edge.eval()
+
+    @torch.no_grad()
+    def frozen_outputs(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pool, feat = fused.edge_outputs(images)
+        return base.forward_features(images), pool, feat
+
+    if not settings.shift:
+        with torch.no_grad():
+            outs = [frozen_outputs(x[i:i + 500]) for i in range(0, len(x), 500)]
+        target, edge_pool, edge_feat = (torch.cat([o[k] for o in outs]) for k in range(3))
     weights = DeltaLossWeights(settings.mse, settings.fnc, settings.sr)
+    narrow = sorted(w for w in set(tiers) if w != 1.0) if settings.slimmable else []
+    slim = {w: TierBranches(fused, w) for w in narrow}
     params = [p for name, p in fused.named_parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     steps = settings.epochs * ((len(x) + settings.batch_size - 1) // settings.batch_size)
@@ -228,12 +244,29 @@ def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settin
         sums: dict[str, float] = {}
         for i in range(0, len(x), settings.batch_size):
             batch = order[i:i + settings.batch_size]
-            parts = fuse(fused, fused.delta(x[batch]), edge_pool[batch], edge_feat[batch])
-            loss, terms = delta_objective(parts, fused, target[batch], weights)
+            if settings.shift:
+                images = translate(x[batch], settings.shift, generator)
+                batch_target, pool, feat = frozen_outputs(images)
+            else:
+                images, batch_target, pool, feat = x[batch], target[batch], edge_pool[batch], edge_feat[batch]
+            parts = fuse(fused, fused.delta(images), pool, feat)
+            loss, terms = delta_objective(parts, fused, batch_target, weights)
             if settings.ce:
                 ce = F.cross_entropy(fused.classifier(parts.fused), y[batch])
                 loss = loss + settings.ce * ce
                 terms["ce"] = ce.item()
+            if narrow:
+                others = narrow[1:]
+                drawn = [narrow[0]] + ([others[int(torch.randint(len(others), (1,), generator=generator))]]
+                                       if others else [])
+                for w in drawn:
+                    tier_parts = slim[w](images, pool, feat)
+                    tier_loss = (settings.mse * F.mse_loss(tier_parts.fused, batch_target)
+                                 + settings.fnc * fnc_loss(tier_parts.delta_out, tier_parts.edge_out))
+                    if settings.ce:
+                        tier_loss = tier_loss + settings.ce * F.cross_entropy(fused.classifier(tier_parts.fused), y[batch])
+                    loss = loss + tier_loss
+                    terms["tier_mse"] = terms.get("tier_mse", 0.0) + F.mse_loss(tier_parts.fused, batch_target).item() / len(drawn)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -246,6 +279,41 @@ def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settin
                                                                 if k != "epoch"))
     fused.eval()
     return history
+
+
+class TierBranches:
+    """The width-``width`` tier's fused forward computed through prefix views of ``full``'s DELTA
+    weights (``torch.func.functional_call``), so its gradients land in the full model's blocks."""
+
+    def __init__(self, full: FusedDelta, width: float):
+        self.full, self.shapes = full, tier_shapes(full.arch, width)
+        tier = FusedDelta(full.arch.scaled(width), edge=full.edge)
+        tier.classifier = full.classifier
+        self.module = _FuseFromEdge(tier)
+
+    def __call__(self, x: Tensor, edge_pool: Tensor, edge_feat: Tensor) -> Branches:
+        views = tier_slice(dict(self.full.named_parameters()), self.shapes)
+        return torch.func.functional_call(self.module, {f"tier.{k}": v for k, v in views.items()},
+                                          (x, edge_pool, edge_feat), strict=False)
+
+
+class _FuseFromEdge(nn.Module):
+    def __init__(self, tier: FusedDelta):
+        super().__init__()
+        self.tier = tier
+
+    def forward(self, x: Tensor, edge_pool: Tensor, edge_feat: Tensor) -> Branches:
+        return fuse(self.tier, self.tier.delta(x), edge_pool, edge_feat)
+
+
+def translate(images: Tensor, shift: int, generator: torch.Generator) -> Tensor:
+    """Each image moved by its own random (dx, dy) in [-shift, shift], edges replicated: objects may
+    sit anywhere in the frame, so a translated image keeps its label (a flip would not: it swaps
+    left_eye and right_eye)."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
+    return torch.stack([padded[k, :, dy:dy + h, dx:dx + w] for k, (dy, dx) in enumerate(offsets.tolist())])
 
 
 def distill(edge: nn.Module, base: nn.Module, x: Tensor, y: Tensor, kd: KDSettings, seed: int) -> nn.Module:
