@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl.delta.construct import ConstructionSpec, TierBranches, correlation_scores, ensure_delta, translate
+from fl.delta.construct import ConstructionSpec, TierBranches, correlation_scores, ensure_delta
+from fl.delta.pair import translate
 from fl.delta.extract import (CONV_RATES, ExtractSettings, blocks_of, choose_depth, fold_block, kept_count,
                               learn_sparsity, prune_base, rate_masks)
 from fl.delta.network import (DeltaArch, FusedDelta, delta_macs, delta_params, fnc_loss, group_lasso,

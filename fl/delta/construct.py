@@ -32,7 +32,7 @@ from fl.delta.extract import ExtractSettings, build_delta, finetune_pruned, lear
 from fl.delta.network import (Branches, DeltaArch, DeltaLossWeights, FusedDelta, delta_macs, delta_objective,
                               delta_params, fnc_loss, fuse, order_by_importance, tier_model, tier_shapes, tier_slice)
 from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, digest, \
-    ensure_pair, predict, server_split, tensors, train_classifier
+    ensure_pair, predict, server_split, tensors, train_classifier, translate
 from fl.errors import ConfigError
 from fl.results import atomic_save, atomic_write_text
 
@@ -62,6 +62,7 @@ class KDSettings:
     lr: float = 0.01
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the soft-target term; 1 - alpha on the labels
+    shift: int = 0  # random translation, as for the DELTA (the teacher sees the same moved images)
 
 
 @dataclass(frozen=True)
@@ -156,13 +157,16 @@ def construct(pair: Pair, pair_spec: PairSpec, spec: ConstructionSpec,
     fused, importance = build_delta(pruned, extraction.blocks, edge, (edge_name, edge_options), base.classifier,
                                     spec.extract, x[:1], spec.extract.budget * base_profile["params"])
 
-    # 2. DELTA training with E and B frozen
+    # 2. DELTA training with E and B frozen; 3. importance order (tiers are prefixes). Slimmable
+    # training trains the prefixes themselves, so their order is fixed first (convs by the base
+    # filters' importance); otherwise the trained units are ordered afterwards.
+    if spec.train.slimmable:
+        order_by_importance(fused, importance)
     started = time.perf_counter()
     history = train_delta(fused, base, x, y, spec.train, seed, tiers)
     timings["train_s"] = round(time.perf_counter() - started, 1)
-
-    # 3. importance order (tiers are prefixes)
-    order_by_importance(fused, importance)
+    if not spec.train.slimmable:
+        order_by_importance(fused, importance)
 
     # 4. the report
     fused_parts = fused_outputs(fused, x_test)
@@ -306,30 +310,22 @@ class _FuseFromEdge(nn.Module):
         return fuse(self.tier, self.tier.delta(x), edge_pool, edge_feat)
 
 
-def translate(images: Tensor, shift: int, generator: torch.Generator) -> Tensor:
-    """Each image moved by its own random (dx, dy) in [-shift, shift], edges replicated: objects may
-    sit anywhere in the frame, so a translated image keeps its label (a flip would not: it swaps
-    left_eye and right_eye)."""
-    n, _, h, w = images.shape
-    padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
-    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
-    return torch.stack([padded[k, :, dy:dy + h, dx:dx + w] for k, (dy, dx) in enumerate(offsets.tolist())])
-
-
 def distill(edge: nn.Module, base: nn.Module, x: Tensor, y: Tensor, kd: KDSettings, seed: int) -> nn.Module:
-    """E fine-tuned on the server split with alpha * T^2 KL(p_B^T || p_E^T) + (1 - alpha) CE."""
+    """E fine-tuned on the server split with alpha * T^2 KL(p_B^T || p_E^T) + (1 - alpha) CE, the
+    teacher's logits taken on the same (translated) batch."""
     student = copy.deepcopy(edge)
     for p in student.parameters():
         p.requires_grad_(True)
-    with torch.no_grad():
-        teacher = predict(base, x)
+    base.eval()
     t = kd.temperature
 
-    def loss_fn(logits: Tensor, index: Tensor, labels: Tensor) -> Tensor:
-        soft = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher[index] / t, 1), reduction="batchmean")
+    def loss_fn(logits: Tensor, images: Tensor, labels: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher = base(images)
+        soft = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
         return kd.alpha * t * t * soft + (1 - kd.alpha) * F.cross_entropy(logits, labels)
 
-    train_classifier(student, x, y, Recipe(epochs=kd.epochs, lr=kd.lr), seed, loss_fn=loss_fn)
+    train_classifier(student, x, y, Recipe(epochs=kd.epochs, lr=kd.lr, shift=kd.shift), seed, loss_fn=loss_fn)
     return student.eval()
 
 

@@ -48,6 +48,7 @@ class Recipe:
     batch_size: int = 64
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    shift: int = 0  # random translation of every batch by up to this many pixels (0: none)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def tensors(images, limit: int | None = None) -> tuple[torch.Tensor, torch.Tenso
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int,
                      loss_fn=None) -> None:
-    """``bench/capacity_gap.py``'s recipe; ``loss_fn(logits, x_batch_index, y)`` replaces CE (KD)."""
+    """``bench/capacity_gap.py``'s recipe; ``loss_fn(logits, images, y)`` replaces CE (KD)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     steps = recipe.epochs * ((len(x) + recipe.batch_size - 1) // recipe.batch_size)
@@ -155,8 +156,9 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
         total = 0.0
         for i in range(0, len(x), recipe.batch_size):
             batch = order[i:i + recipe.batch_size]
-            logits = model(x[batch])
-            loss = F.cross_entropy(logits, y[batch]) if loss_fn is None else loss_fn(logits, batch, y[batch])
+            images = translate(x[batch], recipe.shift, generator) if recipe.shift else x[batch]
+            logits = model(images)
+            loss = F.cross_entropy(logits, y[batch]) if loss_fn is None else loss_fn(logits, images, y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,6 +166,16 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
             total += loss.item() * len(batch)
         if (epoch + 1) % 5 == 0 or epoch + 1 == recipe.epochs:
             log.info("  epoch %d/%d: training loss %.4f", epoch + 1, recipe.epochs, total / len(x))
+
+
+def translate(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image moved by its own random (dx, dy) in [-shift, shift], edges replicated. Objects may
+    sit anywhere in a synthetic scene, so a translated image keeps its label (a flip would not: it
+    swaps left_eye and right_eye)."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
+    return torch.stack([padded[k, :, dy:dy + h, dx:dx + w] for k, (dy, dx) in enumerate(offsets.tolist())])
 
 
 @torch.no_grad()
