@@ -32,7 +32,7 @@ from fl.delta.extract import ExtractSettings, build_delta, finetune_pruned, lear
 from fl.delta.network import (Branches, DeltaArch, DeltaLossWeights, FusedDelta, delta_macs, delta_objective,
                               delta_params, fnc_loss, fuse, order_by_importance, tier_model, tier_shapes, tier_slice)
 from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, digest, \
-    ensure_pair, predict, server_split, tensors, train_classifier, translate
+    ensure_pair, predict, server_split, shifted, tensors, train_classifier
 from fl.errors import ConfigError
 from fl.results import atomic_save, atomic_write_text
 
@@ -43,7 +43,7 @@ DEFAULT_TIERS = (1.0, 1 / math.sqrt(2), 0.5, 1 / (2 * math.sqrt(2)))
 
 @dataclass(frozen=True)
 class DeltaTrainSettings:
-    epochs: int = 60
+    epochs: int = 40
     lr: float = 2e-3  # Adam, cosine-annealed
     batch_size: int = 64
     mse: float = 1.0
@@ -51,6 +51,7 @@ class DeltaTrainSettings:
     sr: float = 1e-4
     ce: float = 0.5  # not in the paper: + ce * CE(C_B(fused), y) on the server split's labels (0: the paper's loss)
     shift: int = 0  # not in the paper: random translation by up to this many pixels (0: none)
+    views: int = 8  # with shift: translated copies of the server split whose B and E outputs are computed once
     slimmable: bool = False  # not in the paper: also train the narrowest and one random tier per batch
 
 
@@ -211,9 +212,11 @@ def fused_outputs(fused: FusedDelta, x: Tensor, batch_size: int = 500) -> dict[s
 
 def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settings: DeltaTrainSettings,
                 seed: int, tiers: tuple[float, ...] = DEFAULT_TIERS) -> list[dict]:
-    """Adam on the DELTA (subgraph, SE, proj, resizer, adapter) with E and B frozen. Without
-    augmentation B's features and E's outputs are computed once; with ``shift`` every batch is
-    translated at random and both are computed on the translated images.
+    """Adam on the DELTA (subgraph, SE, proj, resizer, adapter) with E and B frozen. B's features
+    and E's outputs are computed once, on the server split or, with ``shift``, on ``views``
+    randomly translated copies of it; each sample of a batch is then drawn from one of its copies.
+    (Computing them afresh for every batch would multiply this step's time by five: B's forward
+    pass costs 25 times the DELTA's.)
 
     ``slimmable``: the sandwich rule of slimmable networks (Yu and Huang, "Universally Slimmable
     Networks and Improved Training Techniques", ICCV 2019) over the DELTA's nested tiers: each
@@ -229,10 +232,17 @@ def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settin
         pool, feat = fused.edge_outputs(images)
         return base.forward_features(images), pool, feat
 
-    if not settings.shift:
-        with torch.no_grad():
-            outs = [frozen_outputs(x[i:i + 500]) for i in range(0, len(x), 500)]
-        target, edge_pool, edge_feat = (torch.cat([o[k] for o in outs]) for k in range(3))
+    generator = torch.Generator().manual_seed(seed)
+    copies = max(settings.views, 1) if settings.shift else 1
+    offsets = torch.randint(0, 2 * settings.shift + 1, (copies, len(x), 2), generator=generator)
+
+    def view(copy: Tensor, index: Tensor) -> Tensor:
+        return shifted(x[index], offsets[copy, index], settings.shift) if settings.shift else x[index]
+
+    outs = [[frozen_outputs(view(torch.full((len(i),), c), i)) for i in torch.arange(len(x)).split(500)]
+            for c in range(copies)]
+    target, edge_pool, edge_feat = (torch.stack([torch.cat([o[k] for o in per_copy]) for per_copy in outs])
+                                    for k in range(3))
     weights = DeltaLossWeights(settings.mse, settings.fnc, settings.sr)
     narrow = sorted(w for w in set(tiers) if w != 1.0) if settings.slimmable else []
     slim = {w: TierBranches(fused, w) for w in narrow}
@@ -240,7 +250,6 @@ def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settin
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     steps = settings.epochs * ((len(x) + settings.batch_size - 1) // settings.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    generator = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(settings.epochs):
         fused.train()
@@ -248,11 +257,9 @@ def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settin
         sums: dict[str, float] = {}
         for i in range(0, len(x), settings.batch_size):
             batch = order[i:i + settings.batch_size]
-            if settings.shift:
-                images = translate(x[batch], settings.shift, generator)
-                batch_target, pool, feat = frozen_outputs(images)
-            else:
-                images, batch_target, pool, feat = x[batch], target[batch], edge_pool[batch], edge_feat[batch]
+            copy = torch.randint(copies, (len(batch),), generator=generator)
+            images = view(copy, batch)
+            batch_target, pool, feat = target[copy, batch], edge_pool[copy, batch], edge_feat[copy, batch]
             parts = fuse(fused, fused.delta(images), pool, feat)
             loss, terms = delta_objective(parts, fused, batch_target, weights)
             if settings.ce:

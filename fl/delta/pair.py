@@ -172,9 +172,13 @@ def translate(images: torch.Tensor, shift: int, generator: torch.Generator) -> t
     """Each image moved by its own random (dx, dy) in [-shift, shift], edges replicated. Objects may
     sit anywhere in a synthetic scene, so a translated image keeps its label (a flip would not: it
     swaps left_eye and right_eye)."""
-    n, _, h, w = images.shape
+    return shifted(images, torch.randint(0, 2 * shift + 1, (len(images), 2), generator=generator), shift)
+
+
+def shifted(images: torch.Tensor, offsets: torch.Tensor, shift: int) -> torch.Tensor:
+    """Image k cropped at ``offsets[k] = (dy, dx)`` from its ``shift``-pixel replicate padding."""
+    _, _, h, w = images.shape
     padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
-    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
     return torch.stack([padded[k, :, dy:dy + h, dx:dx + w] for k, (dy, dx) in enumerate(offsets.tolist())])
 
 
