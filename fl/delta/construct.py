@@ -270,14 +270,16 @@ def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settin
                 others = narrow[1:]
                 drawn = [narrow[0]] + ([others[int(torch.randint(len(others), (1,), generator=generator))]]
                                        if others else [])
-                for w in drawn:
+                for w in drawn:  # the tier's MSE + FNC (+ CE); the group lasso stays on the full width
                     tier_parts = slim[w](images, pool, feat)
-                    tier_loss = (settings.mse * F.mse_loss(tier_parts.fused, batch_target)
-                                 + settings.fnc * fnc_loss(tier_parts.delta_out, tier_parts.edge_out))
+                    tier_mse = F.mse_loss(tier_parts.fused, batch_target)
+                    tier_loss = settings.mse * tier_mse + settings.fnc * fnc_loss(tier_parts.delta_out,
+                                                                                  tier_parts.edge_out)
                     if settings.ce:
-                        tier_loss = tier_loss + settings.ce * F.cross_entropy(fused.classifier(tier_parts.fused), y[batch])
+                        tier_loss = tier_loss + settings.ce * F.cross_entropy(fused.classifier(tier_parts.fused),
+                                                                              y[batch])
                     loss = loss + tier_loss
-                    terms["tier_mse"] = terms.get("tier_mse", 0.0) + F.mse_loss(tier_parts.fused, batch_target).item() / len(drawn)
+                    terms["tier_mse"] = terms.get("tier_mse", 0.0) + tier_mse.item() / len(drawn)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
