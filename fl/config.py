@@ -16,8 +16,7 @@ from flwr.serverapp.strategy import Strategy
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-import plugins  # noqa: F401  (declares the shipped plugins' names)
-
+import plugins as _shipped_plugins  # noqa: F401  (declares the shipped plugins' names)
 from clients.dense import TrainHyper
 from fl.errors import ConfigError
 from fl.clock import clock_spec

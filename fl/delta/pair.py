@@ -143,7 +143,9 @@ def tensors(images, limit: int | None = None) -> tuple[torch.Tensor, torch.Tenso
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int,
                      loss_fn=None) -> None:
-    """``bench/capacity_gap.py``'s recipe; ``loss_fn(logits, images, y)`` replaces CE (KD)."""
+    """``bench/capacity_gap.py``'s recipe; ``loss_fn(logits, images, index, y)`` replaces CE (KD):
+    ``images`` is the batch as the model saw it (translated with ``recipe.shift``), ``index`` its
+    rows of ``x``."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     steps = recipe.epochs * ((len(x) + recipe.batch_size - 1) // recipe.batch_size)
@@ -158,7 +160,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
             batch = order[i:i + recipe.batch_size]
             images = translate(x[batch], recipe.shift, generator) if recipe.shift else x[batch]
             logits = model(images)
-            loss = F.cross_entropy(logits, y[batch]) if loss_fn is None else loss_fn(logits, images, y[batch])
+            loss = F.cross_entropy(logits, y[batch]) if loss_fn is None else loss_fn(logits, images, batch, y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
