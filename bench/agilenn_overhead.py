@@ -61,13 +61,13 @@ def time_step(model, optimizer, loss_fn, xb, yb) -> float:
     return time.perf_counter() - started
 
 
-def overhead(args, num_classes, x, y) -> None:
+def overhead(args, fed, x, y) -> None:
     torch.manual_seed(args.seed)
-    model = agilenn(num_classes=num_classes)
+    model = agilenn(num_classes=fed.num_classes, in_channels=fed.channels)
     model.freeze_reference(True)
     model.train()
     hyper = TrainHyper(lr=0.01, batch_size=args.batch_size)
-    agile = AgileLoss(AgileHyper(), num_classes)
+    agile = AgileLoss(AgileHyper(), fed.num_classes)
     optimizer = optimizer_for(model, hyper)
     steps = [(x[s:s + args.batch_size], y[s:s + args.batch_size]) for s in range(0, args.timing_steps * args.batch_size, args.batch_size)]
     for xb, yb in steps[:2]:  # warm-up
@@ -91,7 +91,7 @@ def accuracy(args, fed, x, y) -> None:
 
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    model = agilenn(num_classes=num_classes)
+    model = agilenn(num_classes=num_classes, in_channels=fed.channels)
     g = torch.Generator().manual_seed(args.seed)
     train(model, x, y, args.pretrain_epochs, hyper, pretrain_loss, g)
     model.freeze_reference(True)
@@ -116,7 +116,7 @@ def accuracy(args, fed, x, y) -> None:
 
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    plain = agilenn(num_classes=num_classes, split=False)
+    plain = agilenn(num_classes=num_classes, in_channels=fed.channels, split=False)
     g = torch.Generator().manual_seed(args.seed)
     train(plain, x, y, args.pretrain_epochs + args.epochs, hyper, plain_loss, g)
     plain.eval()
@@ -124,7 +124,8 @@ def accuracy(args, fed, x, y) -> None:
         plain_acc = float(sum(int((plain(xb).argmax(1) == yb).sum()) for xb, yb in test_batches)) / len(yt)
     plain_s = time.perf_counter() - started
 
-    print(f"accuracy: {len(y)} train / {len(yt)} test synthetic images (difficulty {fed.train.difficulty}), SGD lr {args.lr} momentum 0.9 wd 5e-4, "
+    data = f"synthetic images (difficulty {fed.train.difficulty})" if args.data == "synthetic" else f"{args.data} images"
+    print(f"accuracy: {len(y)} train / {len(yt)} test {data}, SGD lr {args.lr} momentum 0.9 wd 5e-4, "
           f"batch {args.batch_size}; AgileNN: {args.pretrain_epochs} pretrain + {args.epochs} epochs "
           f"(rho {args.rho}, lambda {args.lam}), {split_s:.0f} s; unsplit: {args.pretrain_epochs + args.epochs} epochs, {plain_s:.0f} s")
     print(f"  after Algorithm 1 (before AgileNN training): skewness {before['skewness']:.3f}, "
@@ -137,6 +138,15 @@ def accuracy(args, fed, x, y) -> None:
           f"{(plain_acc - split['combined_accuracy']) * 100:+.2f} points (target <= 3)")
     print(f"  offloaded bytes per sample: {split['bytes_per_sample']:.1f} coded "
           f"(vs {split['raw_bytes_per_sample']:.0f} as fp32)")
+
+
+def federation(args):
+    """One client holding the training images; synthetic scenes, or a torchvision dataset's files."""
+    if args.data == "synthetic":
+        options = {} if args.difficulty is None else {"difficulty": args.difficulty}
+        return build_federation("synthetic", 1, args.seed, {"name": "iid"}, samples_per_client=args.train_size,
+                                test_size=args.test_size, **options)
+    return build_federation(args.data, 1, args.seed, {"name": "iid"}, root=args.root, download=False)
 
 
 def main() -> None:
@@ -153,13 +163,14 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--difficulty", type=float, default=None, help="synthetic scene difficulty (default: the data's)")
+    p.add_argument("--data", default="synthetic", help="synthetic, or a torchvision dataset read from --root "
+                   "(mnist: the official test files alone, split into train and test, work offline)")
+    p.add_argument("--root", default="../shared/data", help="folder of the torchvision dataset's files")
     p.add_argument("--skip-accuracy", action="store_true")
     args = p.parse_args()
-    options = {} if args.difficulty is None else {"difficulty": args.difficulty}
-    fed = build_federation("synthetic", 1, args.seed, {"name": "iid"}, samples_per_client=args.train_size,
-                           test_size=args.test_size, **options)
-    x, y = fed.train.get(np.arange(len(fed.train)))
-    overhead(args, fed.num_classes, x, y)
+    fed = federation(args)
+    x, y = fed.train.get(np.arange(min(len(fed.train), args.train_size)))
+    overhead(args, fed, x, y)
     if not args.skip_accuracy:
         accuracy(args, fed, x, y)
 

@@ -19,12 +19,12 @@ plain steps of the same network on a copy of the model (``step_overhead``).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fl.batchnorm import settle_batchnorm
+from clients.dense import batch_bounds
 from clients.trainer import ClientEnv, hyper_from, register_trainer
 from fl.keys import CODEC, UP_CODEC
 from fl.payload import (decode_shared, decode_tensors, encode_features, encode_reply, encode_tensors, get_codec)
@@ -63,6 +63,7 @@ def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[
         if phase == PRETRAIN:
             model.freeze_reference(False)
             metrics = train_epochs(model, env.data, hyper, env.generator, pretrain_loss)
+            settle_batchnorm(model, env.data, hyper, model.reference_logits)  # extractor and reference
             model.freeze_reference(True)
             if bool(config.get(SELECT, False)):
                 metrics.update(selection_statistics(model, env))
@@ -74,6 +75,7 @@ def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[
                 batches = [b for _, b in zip(range(probe), env.data.batches(hyper.batch_size, None))]
                 overhead = step_overhead(model, batches, agile, hyper)
             metrics = train_epochs(model, env.data, hyper, env.generator, agile)
+            settle_batchnorm(model, env.data, hyper)  # extractor and remote head (the reference is frozen)
             if probe > 0:
                 metrics.update(overhead)
         metrics.update(env.after_train(model, metrics))
@@ -104,11 +106,12 @@ def selection_statistics(model: AgileNet, env: ClientEnv, batch_size: int = 256)
 
 def split_batches(env: ClientEnv, batch_size: int, epochs: int) -> list[np.ndarray]:
     """This round's batches (index arrays): the same in every exchange of the round, because the
-    round's generator is seeded from (seed, round, partition)."""
+    round's generator is seeded from (seed, round, partition). A last batch of one sample joins
+    the one before it (``fl.batchnorm.smallest_batch``: the split network has BatchNorm)."""
     out = []
     for _ in range(epochs):
         order = env.data.indices[torch.randperm(len(env.data), generator=env.generator).numpy()]
-        out += [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        out += [order[s:e] for s, e in batch_bounds(len(order), batch_size, min_size=2)]
     return out
 
 
@@ -142,6 +145,8 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
             record = forward_batch(model, batches[step], env)
             metrics[LAST] = float(step == len(batches) - 1)
         else:  # all batches done: upload the device part for FedAvg
+            model.train()
+            settle_batchnorm(model, env.data, hyper, model.extractor)
             device = {n: t for n, t in model.state_dict().items() if n in names}
             received = env.state[_RECEIVED].to_torch_state_dict()
             record = encode_reply(get_codec(str(config.get(UP_CODEC, "dense_fp32"))), device, received, env.state)
@@ -200,7 +205,3 @@ def apply_server_gradients(model: AgileNet, optimizer: torch.optim.Optimizer, in
         return {"skewness": float(skewness(importance, model.k).mean()),
                 "disorder_rate": float(disorder_rate(importance, model.k)),
                 "regularizer": float(regularizer)}
-
-
-def split_steps(n: int, batch_size: int, epochs: int) -> int:
-    return epochs * math.ceil(n / batch_size)

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fl.batchnorm import settle_batchnorm, smallest_batch
+
 
 @dataclass(frozen=True)
 class TrainHyper:
@@ -23,6 +25,7 @@ class TrainHyper:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    bn_stats: str = "recompute"  # BatchNorm statistics uploaded: recompute | ema (fl.batchnorm)
 
 
 @dataclass
@@ -35,10 +38,22 @@ class ClientData:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int, generator: torch.Generator | None,
+                min_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Minibatches in ``generator``'s order (None: stored order); a last batch smaller than
+        ``min_size`` joins the one before it."""
         order = self.indices if generator is None else self.indices[torch.randperm(len(self.indices), generator=generator).numpy()]
-        for start in range(0, len(order), batch_size):
-            yield self.images.get(order[start:start + batch_size])
+        for start, end in batch_bounds(len(order), batch_size, min_size):
+            yield self.images.get(order[start:end])
+
+
+def batch_bounds(n: int, batch_size: int, min_size: int = 1) -> list[tuple[int, int]]:
+    """[start, end) of each minibatch of n samples; a last batch smaller than ``min_size`` joins
+    the one before it."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < min_size:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n]))
 
 
 def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator: torch.Generator) -> dict[str, float]:
@@ -48,7 +63,7 @@ def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator
                                 weight_decay=hyper.weight_decay)
     loss_sum, correct, seen = 0.0, 0, 0
     for _ in range(hyper.epochs):
-        for x, y in data.batches(hyper.batch_size, generator):
+        for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model)):
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -57,6 +72,7 @@ def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+    settle_batchnorm(model, data, hyper)
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 

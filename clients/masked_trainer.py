@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from clients.dense import ClientData, TrainHyper
+from fl.batchnorm import settle_batchnorm, smallest_batch
 from clients.trainer import ClientEnv, hyper_from, register_trainer
 from fl.keys import CODEC, UP_CODEC
 from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap
@@ -109,7 +110,7 @@ def train_masked(model: nn.Module, data: ClientData, hyper: TrainHyper, generato
     loss_sum, correct, seen = 0.0, 0, 0
     for epoch in range(hyper.epochs):
         last = epoch == hyper.epochs - 1
-        for x, y in data.batches(hyper.batch_size, generator):
+        for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model)):
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -133,6 +134,7 @@ def train_masked(model: nn.Module, data: ClientData, hyper: TrainHyper, generato
             seen += len(y)
     for g in gradient.values():
         g.div_(max(batches_in_last_epoch, 1))
+    settle_batchnorm(model, data, hyper)
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}, gradient
 
 

@@ -23,7 +23,7 @@ from clients.dense import ClientData, TrainHyper
 from clients.resident import borrowed_model
 from fl.data import client_split
 from fl.hooks import ClientView, Plugin
-from fl.keys import BATCH_SIZE, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
+from fl.keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.payload import SliceCodec, get_codec
 from fl.registry import Registry
 from fl.specs import ClientSpec
@@ -107,4 +107,5 @@ def hyper_from(config: ConfigRecord) -> TrainHyper:
     d = TrainHyper()
     return TrainHyper(epochs=int(config.get(EPOCHS, d.epochs)), batch_size=int(config.get(BATCH_SIZE, d.batch_size)),
                       lr=float(config.get(LR, d.lr)), momentum=float(config.get(MOMENTUM, d.momentum)),
-                      weight_decay=float(config.get(WEIGHT_DECAY, d.weight_decay)))
+                      weight_decay=float(config.get(WEIGHT_DECAY, d.weight_decay)),
+                      bn_stats=str(config.get(BN_STATS, d.bn_stats)))

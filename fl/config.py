@@ -17,6 +17,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 import plugins as _shipped_plugins  # noqa: F401  (declares the shipped plugins' names)
+from fl.batchnorm import BN_STATS
 from clients.dense import TrainHyper
 from fl.errors import ConfigError
 from fl.clock import clock_spec
@@ -82,7 +83,8 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
                        batch_size=_int(t, "batch_size", minimum=1, prefix="train."),
                        lr=_float(t, "lr", minimum=0.0, prefix="train."),
                        momentum=_float(t, "momentum", minimum=0.0, prefix="train."),
-                       weight_decay=_float(t, "weight_decay", minimum=0.0, prefix="train."))
+                       weight_decay=_float(t, "weight_decay", minimum=0.0, prefix="train."),
+                       bn_stats=_choice(t, "bn_stats", BN_STATS, prefix="train."))
     e = c.get("engine") or {}
     engine_name = str(e.get("name", "inprocess"))
     if engine_name not in ENGINES:
@@ -202,6 +204,13 @@ def _float(c: Mapping[str, Any], key: str, *, minimum: float, prefix: str = "") 
     if value < minimum:
         raise ConfigError(prefix + key, f"must be >= {minimum}, got {value}")
     return value
+
+
+def _choice(c: Mapping[str, Any], key: str, allowed: tuple[str, ...], *, prefix: str = "") -> str:
+    value = c.get(key, allowed[0])
+    if value not in allowed:
+        raise ConfigError(prefix + key, f"unknown {value!r}; allowed: {', '.join(allowed)}")
+    return str(value)
 
 
 def _fraction(c: Mapping[str, Any], key: str, *, allow_zero: bool, prefix: str = "") -> float:

@@ -27,7 +27,7 @@ from fl.checkpoint import Checkpoint, save_checkpoint
 from fl.clock import ClockSpec
 from fl.engine.metered import MeteredGrid
 from fl.hooks import Plugin, RunView
-from fl.keys import BATCH_SIZE, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
+from fl.keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.runlog import RunLogger, truncate_metrics
 from fl.specs import ClientSpec
 
@@ -61,7 +61,7 @@ class RunOutcome:
 
 def train_config(hyper: TrainHyper, extra: dict[str, Any]) -> ConfigRecord:
     return ConfigRecord({LR: hyper.lr, EPOCHS: hyper.epochs, BATCH_SIZE: hyper.batch_size,
-                         MOMENTUM: hyper.momentum, WEIGHT_DECAY: hyper.weight_decay, **extra})
+                         MOMENTUM: hyper.momentum, WEIGHT_DECAY: hyper.weight_decay, BN_STATS: hyper.bn_stats, **extra})
 
 
 @contextlib.contextmanager

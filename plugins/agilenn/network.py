@@ -68,14 +68,23 @@ class Extractor(nn.Sequential):
 
 
 class LocalHead(nn.Module):
-    """Global average pooling + one linear layer on the top-k channels."""
+    """Global average pooling + one linear layer on the top-k channels, + BatchNorm on the logits.
+
+    The BatchNorm is the authors' (their released code's local predictor is GAP, Dense,
+    BatchNormalization; the paper does not mention it): it holds the local logits at the scale of
+    the remote ones. Without it the confident remote head takes the combined cross-entropy's
+    gradient to zero before the local head has learned: on MNIST the local logits' spread over
+    samples stayed at 0.04-0.09 against the remote's 4-5 and local-only accuracy at 0.11-0.18
+    over 4 epochs; with it, spread 1.1 and accuracy 0.31-0.36 (measured, central training).
+    """
 
     def __init__(self, k: int, num_classes: int):
         super().__init__()
         self.linear = nn.Linear(k, num_classes)
+        self.norm = nn.BatchNorm1d(num_classes)
 
     def forward(self, f: Tensor) -> Tensor:
-        return self.linear(f.mean((2, 3)))
+        return self.norm(self.linear(f.mean((2, 3))))
 
 
 class RemoteHead(nn.Module):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fl.batchnorm import smallest_batch
 from fl.payload import coded_bytes_per_sample
 from plugins.agilenn.importance import ZeroBaselineCache, channel_importance, integrated_gradients
 from plugins.agilenn.losses import disorder_rate, objective, skewness
@@ -88,7 +89,7 @@ def train_epochs(model: AgileNet, data: ClientData, hyper: TrainHyper, generator
     sums: dict[str, float] = {}
     correct, seen, steps, seconds = 0, 0, 0, 0.0
     for _ in range(hyper.epochs):
-        for x, y in data.batches(hyper.batch_size, generator):
+        for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model)):
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss, logits, stats = loss_fn(model, x, y)

@@ -47,7 +47,8 @@ class GeometryMonitor(Plugin):
                  corruptions: bool = False, severities: Sequence[int] = (1, 2, 3, 4, 5),
                  corruption_kinds: Sequence[str] = CORRUPTIONS, per_class: bool = True, histograms: bool = True,
                  epochs: int = 1, batch_size: int = 32, lr: float = 0.05, momentum: float = 0.0,
-                 weight_decay: float = 0.0, seed: int = 0, layer: str = "classifier", batch: int = 500):
+                 weight_decay: float = 0.0, bn_stats: str = "recompute", seed: int = 0, layer: str = "classifier",
+                 batch: int = 500):
         if samples < 1 or every < 1:
             raise ValueError("geometry: samples and every must be >= 1")
         unknown = sorted(set(corruption_kinds) - set(CORRUPTIONS))
@@ -58,7 +59,7 @@ class GeometryMonitor(Plugin):
         self.corruption_kinds = list(corruption_kinds)
         self.per_class, self.histograms = bool(per_class), bool(histograms)
         self.hyper = TrainHyper(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-                                momentum=float(momentum), weight_decay=float(weight_decay))
+                                momentum=float(momentum), weight_decay=float(weight_decay), bn_stats=str(bn_stats))
         self.seed, self.layer, self.batch = int(seed), layer, int(batch)
         self._previous: ArrayRecord | None = None  # w_t, the model the round's clients received
         self._previous_geometry: Geometry | None = None
