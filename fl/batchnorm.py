@@ -65,6 +65,8 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
 
     hooks = [m.register_forward_pre_hook(reset_on_first_call)
              for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not hooks:  # no BatchNorm: nothing to recompute, no pass
+        return 0
     try:
         for x, _ in batches:
             (forward or model)(x)

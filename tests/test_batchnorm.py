@@ -85,3 +85,10 @@ def test_a_last_batch_of_one_sample_joins_the_one_before_for_batchnorm_models():
     assert [len(b[1]) for b in data.batches(64, None, min_size=2)] == [33]  # one batch stays as it is
     seen = torch.cat([b[1] for b in data.batches(16, torch.Generator().manual_seed(0), min_size=2)])
     assert sorted(seen.tolist()) == list(range(33))
+
+
+def test_a_model_without_batchnorm_costs_no_extra_pass():
+    calls = []
+    net = nn.Linear(4, 2)
+    assert recompute_batchnorm(net, [(torch.randn(3, 4), None)], forward=lambda t: calls.append(t)) == 0
+    assert calls == []
