@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fl.batchnorm import settle_batchnorm
+from fl.batchnorm import statistics_after, statistics_before
 from clients.dense import batch_bounds
 from clients.trainer import ClientEnv, hyper_from, register_trainer
 from fl.keys import CODEC, UP_CODEC
@@ -44,6 +44,7 @@ DONE = "agilenn.done"  # reply metric of the final split upload
 LOCAL, LABELS, ALPHA_W = "local", "labels", "alpha_w"
 GRAD_FEATURES, GRAD_LOCAL, GRAD_ALPHA = "grad.features", "grad.local", "grad.alpha_w"
 _STATE, _MOMENTUM, _RECEIVED = "agilenn.device", "agilenn.momentum", "agilenn.received"
+_BN = "agilenn.bn-statistics"  # split mode, train.bn_stats=global: the received weights' statistics
 
 
 def agile_hyper(config: ConfigRecord) -> AgileHyper:
@@ -62,8 +63,9 @@ def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[
         env.before_train(model, config)
         if phase == PRETRAIN:
             model.freeze_reference(False)
+            before = statistics_before(model, env.data, hyper, model.reference_logits)  # extractor and reference
             metrics = train_epochs(model, env.data, hyper, env.generator, pretrain_loss)
-            settle_batchnorm(model, env.data, hyper, model.reference_logits)  # extractor and reference
+            statistics_after(model, env.data, hyper, before, model.reference_logits)
             model.freeze_reference(True)
             if bool(config.get(SELECT, False)):
                 metrics.update(selection_statistics(model, env))
@@ -74,8 +76,9 @@ def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[
             if probe > 0:
                 batches = [b for _, b in zip(range(probe), env.data.batches(hyper.batch_size, None))]
                 overhead = step_overhead(model, batches, agile, hyper)
+            before = statistics_before(model, env.data, hyper)  # extractor, local and remote heads (not the frozen reference)
             metrics = train_epochs(model, env.data, hyper, env.generator, agile)
-            settle_batchnorm(model, env.data, hyper)  # extractor and remote head (the reference is frozen)
+            statistics_after(model, env.data, hyper, before)
             if probe > 0:
                 metrics.update(overhead)
         metrics.update(env.after_train(model, metrics))
@@ -132,6 +135,9 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
             received = get_codec(str(config.get(CODEC, "dense_fp32"))).decode(arrays, reference)
             model.load_state_dict(received, strict=False)
             env.state[_RECEIVED] = ArrayRecord({k: v.contiguous() for k, v in received.items()})
+            before = statistics_before(model, env.data, hyper, model.extractor)
+            if before:
+                env.state[_BN] = ArrayRecord({k: v.contiguous() for k, v in before.items()})
             env.before_train(model, config)
         else:
             model.load_state_dict(env.state[_STATE].to_torch_state_dict(), strict=False)
@@ -145,14 +151,14 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
             record = forward_batch(model, batches[step], env)
             metrics[LAST] = float(step == len(batches) - 1)
         else:  # all batches done: upload the device part for FedAvg
-            model.train()
-            settle_batchnorm(model, env.data, hyper, model.extractor)
+            before = env.state[_BN].to_torch_state_dict() if _BN in env.state else None
+            statistics_after(model, env.data, hyper, before, model.extractor)
             device = {n: t for n, t in model.state_dict().items() if n in names}
             received = env.state[_RECEIVED].to_torch_state_dict()
             record = encode_reply(get_codec(str(config.get(UP_CODEC, "dense_fp32"))), device, received, env.state)
             metrics[DONE] = 1.0
             metrics.update(env.after_train(model, metrics))
-            for key in (_STATE, _MOMENTUM, _RECEIVED):
+            for key in (_STATE, _MOMENTUM, _RECEIVED, _BN):
                 env.state.pop(key, None)
             return record, metrics
         env.state[_STATE] = ArrayRecord({n: t.detach().clone().contiguous() for n, t in model.state_dict().items()

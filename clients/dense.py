@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fl.batchnorm import settle_batchnorm, smallest_batch
+from fl.batchnorm import smallest_batch, statistics_after, statistics_before
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TrainHyper:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
-    bn_stats: str = "recompute"  # BatchNorm statistics uploaded: recompute | ema (fl.batchnorm)
+    bn_stats: str = "global"  # BatchNorm statistics uploaded: global | local | ema (fl.batchnorm)
 
 
 @dataclass
@@ -58,6 +58,7 @@ def batch_bounds(n: int, batch_size: int, min_size: int = 1) -> list[tuple[int, 
 
 def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator: torch.Generator) -> dict[str, float]:
     """Local SGD in place on ``model``; returns the mean training loss and accuracy."""
+    before = statistics_before(model, data, hyper)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
                                 weight_decay=hyper.weight_decay)
@@ -72,7 +73,7 @@ def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-    settle_batchnorm(model, data, hyper)
+    statistics_after(model, data, hyper, before)
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from clients.dense import ClientData, TrainHyper
-from fl.batchnorm import settle_batchnorm, smallest_batch
+from fl.batchnorm import smallest_batch, statistics_after, statistics_before
 from clients.trainer import ClientEnv, hyper_from, register_trainer
 from fl.keys import CODEC, UP_CODEC
 from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap
@@ -104,6 +104,7 @@ def train_masked(model: nn.Module, data: ClientData, hyper: TrainHyper, generato
             weight.mul_(mask)
     gradient = {name: torch.zeros_like(params[name]) for name in masks} if dense_gradient else {}
     batches_in_last_epoch = 0
+    before = statistics_before(model, data, hyper)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
                                 weight_decay=hyper.weight_decay)
@@ -134,7 +135,7 @@ def train_masked(model: nn.Module, data: ClientData, hyper: TrainHyper, generato
             seen += len(y)
     for g in gradient.values():
         g.div_(max(batches_in_last_epoch, 1))
-    settle_batchnorm(model, data, hyper)
+    statistics_after(model, data, hyper, before)
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}, gradient
 
 

@@ -28,7 +28,7 @@ def test_recompute_gives_the_exact_statistics_of_the_final_weights():
     net = _net().train()
     x = torch.randn(40, 3, 8, 8) * 3 + 1
     batches = [(x[:16], None), (x[16:32], None), (x[32:], None)]
-    assert recompute_batchnorm(net, batches) == 1
+    assert len(recompute_batchnorm(net, batches)) == 1
     with torch.no_grad():
         h = net[0](x)
     per_batch = [h[s].transpose(0, 1).flatten(1) for s in (slice(0, 16), slice(16, 32), slice(32, 40))]
@@ -45,25 +45,30 @@ def test_layers_the_pass_does_not_reach_or_that_are_frozen_keep_their_statistics
     for bn in (model.frozen, model.unused):
         bn.running_mean.fill_(7.0)
     x = torch.randn(8, 3, 8, 8)
-    assert recompute_batchnorm(model, [(x, None)], forward=lambda t: model.frozen(model.net[0](t))) == 0
-    assert recompute_batchnorm(model, [(x, None)], forward=model.net) == 1
+    assert recompute_batchnorm(model, [(x, None)], forward=lambda t: model.frozen(model.net[0](t))) == []
+    assert recompute_batchnorm(model, [(x, None)], forward=model.net) == [model.net[1]]
     assert float(model.frozen.running_mean[0]) == 7.0 and float(model.unused.running_mean[0]) == 7.0
     assert float(model.net[1].running_mean.abs().max()) < 7.0
 
 
-@pytest.mark.parametrize("bn_stats", ["ema", "recompute"])
+@pytest.mark.parametrize("bn_stats", ["global", "local", "ema"])
 def test_train_dense_uploads_the_statistics_it_was_asked_for(bn_stats):
     x, y = torch.randn(48, 3, 8, 8) * 2 + 3, torch.randint(0, 3, (48,))
     data = ClientData(_Images(x, y), np.arange(48))
     net = _net()
+    with torch.no_grad():
+        received = net[0](x).mean((0, 2, 3))  # the first conv's output mean under the received weights
     train_dense(net, data, TrainHyper(epochs=1, batch_size=16, lr=0.1, bn_stats=bn_stats), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        actual = net[0](x).mean((0, 2, 3))
-    gap = (net[1].running_mean - actual).abs().max()
-    if bn_stats == "recompute":
-        assert gap < 1e-5
+        final = net[0](x).mean((0, 2, 3))
+    assert (final - received).abs().max() > 1e-3  # training moved the conv
+    mean = net[1].running_mean
+    if bn_stats == "global":
+        torch.testing.assert_close(mean, received)
+    elif bn_stats == "local":
+        torch.testing.assert_close(mean, final)
     else:  # three EMA steps from zero keep 0.9^3 of the initial 0
-        assert gap > 0.5
+        assert (mean - final).abs().max() > 0.5 and (mean - received).abs().max() > 0.5
 
 
 def test_an_unknown_choice_is_a_config_error(tmp_path):
@@ -90,5 +95,5 @@ def test_a_last_batch_of_one_sample_joins_the_one_before_for_batchnorm_models():
 def test_a_model_without_batchnorm_costs_no_extra_pass():
     calls = []
     net = nn.Linear(4, 2)
-    assert recompute_batchnorm(net, [(torch.randn(3, 4), None)], forward=lambda t: calls.append(t)) == 0
+    assert recompute_batchnorm(net, [(torch.randn(3, 4), None)], forward=lambda t: calls.append(t)) == []
     assert calls == []

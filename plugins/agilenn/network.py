@@ -4,7 +4,7 @@ Devices: Agile Offloading with Explainable AI", MobiCom 2022, section 3 and Figu
     x -> extractor E (two separable convs, ``channels`` = 24 output channels)
       -> features f = E(x), channels ordered so that the first k = round(k_ratio * channels) are
          the important ones (section 4.2; ``plugins.agilenn.selection`` permutes them there)
-      -> local head   L(f[:, :k])            GAP + linear, on the device
+      -> local head   L(f[:, :k])            GAP + linear + BatchNorm on the logits, on the device
       -> remote head  R(Q(f[:, k:]))         quantized (``quantize.CentroidQuantizer``), coded
                                              (``fl.payload``), a MobileNetV2 body on the server
       -> logits = alpha * L + (1 - alpha) * R,   alpha = sigmoid(w / T)   (section 5, Eq. 4)

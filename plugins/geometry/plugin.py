@@ -47,7 +47,7 @@ class GeometryMonitor(Plugin):
                  corruptions: bool = False, severities: Sequence[int] = (1, 2, 3, 4, 5),
                  corruption_kinds: Sequence[str] = CORRUPTIONS, per_class: bool = True, histograms: bool = True,
                  epochs: int = 1, batch_size: int = 32, lr: float = 0.05, momentum: float = 0.0,
-                 weight_decay: float = 0.0, bn_stats: str = "recompute", seed: int = 0, layer: str = "classifier",
+                 weight_decay: float = 0.0, bn_stats: str = "global", seed: int = 0, layer: str = "classifier",
                  batch: int = 500):
         if samples < 1 or every < 1:
             raise ValueError("geometry: samples and every must be >= 1")
