@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fl.batchnorm import statistics_after, statistics_before
 from clients.dense import batch_bounds
 from clients.trainer import ClientEnv, hyper_from, register_trainer
+from fl.batchnorm import statistics_after, statistics_before
 from fl.keys import CODEC, UP_CODEC
 from fl.payload import (decode_shared, decode_tensors, encode_features, encode_reply, encode_tensors, get_codec)
 from plugins.agilenn.losses import disorder_loss, disorder_rate, skewness, skewness_loss
@@ -135,7 +135,7 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
             received = get_codec(str(config.get(CODEC, "dense_fp32"))).decode(arrays, reference)
             model.load_state_dict(received, strict=False)
             env.state[_RECEIVED] = ArrayRecord({k: v.contiguous() for k, v in received.items()})
-            before = statistics_before(model, env.data, hyper, model.extractor)
+            before = statistics_before(model, env.data, hyper, model.local_logits)
             if before:
                 env.state[_BN] = ArrayRecord({k: v.contiguous() for k, v in before.items()})
             env.before_train(model, config)
@@ -152,7 +152,7 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
             metrics[LAST] = float(step == len(batches) - 1)
         else:  # all batches done: upload the device part for FedAvg
             before = env.state[_BN].to_torch_state_dict() if _BN in env.state else None
-            statistics_after(model, env.data, hyper, before, model.extractor)
+            statistics_after(model, env.data, hyper, before, model.local_logits)
             device = {n: t for n, t in model.state_dict().items() if n in names}
             received = env.state[_RECEIVED].to_torch_state_dict()
             record = encode_reply(get_codec(str(config.get(UP_CODEC, "dense_fp32"))), device, received, env.state)

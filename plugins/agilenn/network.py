@@ -182,6 +182,10 @@ class AgileNet(ZooModel):
         remote = self.remote(self.quantizer(f[:, self.k:]))
         return f, local, remote, self.combine(local, remote)
 
+    def local_logits(self, x: Tensor) -> Tensor:
+        """The device's own forward pass: the extractor, then the local head on the first k channels."""
+        return self.local(self.extractor(x)[:, :self.k])
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.split:
             return self.remote(self.extractor(x))
