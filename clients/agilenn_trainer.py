@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.dense import batch_bounds
 from clients.trainer import ClientEnv, hyper_from, register_trainer
-from fl.batchnorm import statistics_after, statistics_before
+from fl.batchnorm import smallest_batch, statistics_after, statistics_before
 from fl.keys import CODEC, UP_CODEC
 from fl.payload import (decode_shared, decode_tensors, encode_features, encode_reply, encode_tensors, get_codec)
 from plugins.agilenn.losses import disorder_loss, disorder_rate, skewness, skewness_loss
@@ -107,22 +107,22 @@ def selection_statistics(model: AgileNet, env: ClientEnv, batch_size: int = 256)
 
 # -- split learning: one exchange ---------------------------------------------------------------
 
-def split_batches(env: ClientEnv, batch_size: int, epochs: int) -> list[np.ndarray]:
+def split_batches(env: ClientEnv, batch_size: int, epochs: int, min_size: int) -> list[np.ndarray]:
     """This round's batches (index arrays): the same in every exchange of the round, because the
-    round's generator is seeded from (seed, round, partition). A last batch of one sample joins
-    the one before it (``fl.batchnorm.smallest_batch``: the split network has BatchNorm)."""
+    round's generator is seeded from (seed, round, partition); a last batch smaller than
+    ``min_size`` joins the one before it (``fl.batchnorm.smallest_batch``)."""
     out = []
     for _ in range(epochs):
         order = env.data.indices[torch.randperm(len(env.data), generator=env.generator).numpy()]
-        out += [order[s:e] for s, e in batch_bounds(len(order), batch_size, min_size=2)]
+        out += [order[s:e] for s, e in batch_bounds(len(order), batch_size, min_size)]
     return out
 
 
 def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[ArrayRecord, dict[str, float]]:
     step = int(config[STEP])
     hyper = hyper_from(config)
-    batches = split_batches(env, hyper.batch_size, hyper.epochs)
     with env.model() as model:
+        batches = split_batches(env, hyper.batch_size, hyper.epochs, smallest_batch(model))
         model.freeze_reference(True)
         names = model.device_state_names()
         params = dict(model.named_parameters())

@@ -59,8 +59,7 @@ def statistics_before(model: nn.Module, data: ClientData, hyper: TrainHyper,
     and returned by state-dict name, for ``statistics_after`` to put back."""
     if hyper.bn_stats != "global":
         return None
-    model.train()
-    reached = recompute_batchnorm(model, data.batches(hyper.batch_size, None, smallest_batch(model)), forward)
+    reached = _recompute_on(model, data, hyper, forward)
     names = {id(m): name for name, m in model.named_modules()}
     return {f"{names[id(m)]}.{b}": getattr(m, b).detach().clone() for m in reached for b in _BUFFERS}
 
@@ -71,8 +70,13 @@ def statistics_after(model: nn.Module, data: ClientData, hyper: TrainHyper, befo
     if hyper.bn_stats == "global" and before:
         model.load_state_dict(before, strict=False)
     elif hyper.bn_stats == "local":
-        model.train()
-        recompute_batchnorm(model, data.batches(hyper.batch_size, None, smallest_batch(model)), forward)
+        _recompute_on(model, data, hyper, forward)
+
+
+def _recompute_on(model: nn.Module, data: ClientData, hyper: TrainHyper,
+                  forward: Callable[[Tensor], Tensor] | None) -> list[nn.Module]:
+    model.train()
+    return recompute_batchnorm(model, data.batches(hyper.batch_size, None, smallest_batch(model)), forward)
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 import plugins as _shipped_plugins  # noqa: F401  (declares the shipped plugins' names)
-from fl.batchnorm import BN_STATS
 from clients.dense import TrainHyper
+from fl.batchnorm import BN_STATS
 from fl.errors import ConfigError
 from fl.clock import clock_spec
 from fl.faults import FaultSpec
