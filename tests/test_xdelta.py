@@ -305,120 +305,33 @@ def test_plugin_config_composes_and_builds():
 
 # -- the designed weakness ------------------------------------------------------------------------------
 
-class _View:
-    """A class subset of a synthetic set, relabelled 0..k-1, with its masks (what ``explain`` reads)."""
-
-    def __init__(self, data, classes):
-        self.data, self.classes = data, list(classes)
-        keep = np.flatnonzero(np.isin(data.labels, self.classes))
-        self.rows = keep
-        self.labels = np.searchsorted(self.classes, data.labels[keep])
-        self.class_names = [data.class_names[c] for c in self.classes]
-        self.part_names = data.part_names
-        self.has_masks, self.num_classes, self.image_size, self.channels = True, len(self.classes), 32, 3
-
-    def __len__(self):
-        return len(self.rows)
-
-    def get(self, idx):
-        x, _ = self.data.get(self.rows[np.asarray(idx)])
-        return x, torch.from_numpy(self.labels[np.asarray(idx)])
-
-    def pixels(self, idx):
-        return self.data.pixels(self.rows[np.asarray(idx)])
-
-    def masks(self, idx):
-        return self.data.masks(self.rows[np.asarray(idx)])
-
-
-class _Net(nn.Module):
-    def __init__(self, features: nn.Sequential, width: int, classes: int):
-        super().__init__()
-        self.features = features
-        self.classifier = nn.Linear(width, classes)
-
-    def forward_features(self, x):
-        return self.features(x).mean(dim=(2, 3))
-
-    def forward(self, x):
-        return self.classifier(self.forward_features(x))
-
-
-def _fit(model, x, y, *, epochs, seed, lr=2e-3, batch=64):
-    """Adam with a cosine schedule (trains these BN-free nets faster than the pair recipe's SGD)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(x) + batch - 1) // batch))
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch):
-            b = order[i:i + batch]
-            loss = nn.functional.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-
-
-def _designed_pair(classes, train_n=1800, seed=0):
-    """Base: full resolution. Edge: the same kind of CNN behind a 4x4 average pool, so it sees the
-    object but cannot resolve a 2-pixel part. DELTA: the base's first two convs, SE, resizer."""
-    from fl.data.synthetic import SyntheticImageSet
-    from fl.delta.construct import DeltaTrainSettings, train_delta
-    from fl.delta.network import DeltaArch, FusedDelta
-
-    train = _View(SyntheticImageSet(int(train_n * 10 / len(classes)), seed, stream=0, difficulty=0.0), classes)
-    test = _View(SyntheticImageSet(1500, seed, stream=1, difficulty=0.0), classes)
-    x, y = train.get(np.arange(len(train)))
-    torch.manual_seed(seed)
-    conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.ReLU(inplace=True)]  # noqa: E731
-    base = _Net(nn.Sequential(*conv(3, 16), nn.MaxPool2d(2), *conv(16, 32), *conv(32, 48), nn.MaxPool2d(2),
-                              *conv(48, 64)), 64, len(classes))
-    edge = _Net(nn.Sequential(nn.AvgPool2d(4), *conv(3, 16), *conv(16, 32)), 32, len(classes))
-    _fit(base, x, y, epochs=12, seed=seed)
-    _fit(edge, x, y, epochs=12, seed=seed, lr=5e-3)
-    base.eval(), edge.eval()
-    arch = DeltaArch(num_classes=len(classes), in_channels=3, image_size=32, convs=(16, 32), pools=(True, False),
-                     se_hidden=8, delta_dim=16, resizer_hidden=32, edge_pool_dim=32, edge_feat_dim=32, feature_dim=64,
-                     edge=("designed", ()))
-    fused = FusedDelta(arch, edge=edge)
-    with torch.no_grad():
-        for mine, theirs in zip(fused.delta.convs(), [base.features[0], base.features[3]]):
-            mine.weight.copy_(theirs.weight), mine.bias.copy_(theirs.bias)
-        fused.classifier.load_state_dict(base.classifier.state_dict())
-    train_delta(fused, base, x, y, DeltaTrainSettings(epochs=15, lr=5e-3, fnc=0.05, ce=1.0), seed)
-    return fused.eval(), base, test
-
-
 @pytest.mark.slow
 def test_designed_weakness_points_at_the_part():
-    """disc-left_eye vs disc-right_eye vs box-spot at difficulty 0: the edge cannot resolve which eye
-    (4x4 average pool first); the DELTA must look at the object (LOCAL) and the missed concept of
-    each disc class must be its eye.
-
-    Not yet the issue's full criterion (>= 80% in ONE of the seven categories): in this design the
-    edge learns nothing (chance accuracy, measured 0.338), so its region is arbitrary and the
-    LOCAL samples split COMPLEMENT 140 / MIXED 46 / ENHANCE 39 of 250 (measured); the test checks
-    the LOCAL share (90% measured) and the concepts.
+    """disc-left_eye, disc-both_eyes, box-spot at difficulty 0, with an edge that never learned the
+    right eye (disc-both_eyes trained as disc-left_eye). Both disc classes have the left eye; only
+    the right eye tells them apart. So the edge looks at the disc and calls it disc-left_eye, and the
+    DELTA must add the right eye: a region on the object, inside what the edge looked at
+    (LOCAL_ENHANCE), whose missed concept is right_eye. The issue's criterion: >= 80% of the
+    explained samples in that one category (measured: 154 of 161, 95.7%; seed 1: 99 of 104) and
+    right_eye the top missed concept of disc-both_eyes (measured 0.99).
     """
     from plugins.xdelta.pipeline import explain
 
     started = time.perf_counter()
-    fused, base, test = _designed_pair([0, 1, 3])
+    from tests.xdelta_designed import designed_pair
+
+    fused, base, test = designed_pair([0, 2, 3], blind_to=1, seen_as=0)
     e = explain(fused, base, test, np.arange(len(test)), Thresholds())
     acc = e.predictions.accuracy()
     summary = e.summary()
     print(json.dumps({"accuracy": acc, "explained": len(e), "counts": summary["category_counts"],
                       "top": summary["top_concepts_per_class"], "seconds": time.perf_counter() - started}, default=str))
-    assert acc["base"] > acc["edge"] + 0.2 and acc["fused"] > acc["edge"] + 0.1
-    assert len(e) >= 30
-    counts = summary["category_counts"]
-    local = sum(counts.get(c, 0) for c in ("LOCAL_COMPLEMENT", "LOCAL_ENHANCE", "LOCAL_MIXED"))
-    assert local >= 0.8 * len(e)
-    for cls, eye in ((0, "left_eye"), (1, "right_eye")):
-        top = e.concept_counts.top(1, cls)
-        assert top and top[0][0] == eye
+    assert acc["fused"] > acc["edge"] + 0.2 and acc["base"] > acc["edge"] + 0.2
+    assert len(e) >= 50
+    assert np.mean(e.labels == 1) >= 0.8  # the explained samples are the designed class
+    assert summary["category_counts"].get("LOCAL_ENHANCE", 0) >= 0.8 * len(e)
+    top = e.concept_counts.top(1, 1)
+    assert top and top[0][0] == "right_eye"
 
 
 def test_the_plugin_explains_the_final_model_of_a_delta_run(tmp_path):
