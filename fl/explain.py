@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from plugins.xdelta.analysis import analyze, html, to_report
+    from plugins.xdelta.report import diffuse_line
 
     result = analyze(saved.fused, saved.base, test, settings, train)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     s = result.summary
     counts = ", ".join(f"{c} {r['count']}" for c, r in s["categories"].items() if r["count"])
     print(f"explained {s['explained']} of {s['evaluated']} test images ({counts or 'none'})")
+    print(diffuse_line(s))
     if "top_concepts" in s:
         print("top missed concepts: " + ", ".join(f"{n} {f:.2f}" for n, f in s["top_concepts"]))
     print(f"wrote {out}/report.html, summary.json, scores.jsonl ({time.perf_counter() - started:.1f} s)")

@@ -256,7 +256,10 @@ def test_cli_writes_a_complete_report(tmp_path, capsys):
     assert sum(c["count"] for c in summary["categories"].values()) == len(rows)
     for r in rows:
         assert r["category"] in CATEGORIES and 0 <= r["overlap"] <= 1 and 0 <= r["locality"] <= 1
+    assert summary["diffuse"] == sum(r["delta_area"] >= summary["thresholds"]["diffuse_area"] for r in rows)
+    assert f"diffuse DELTA regions (>= 0.50 of the image): {summary['diffuse']} of {len(rows)}" in capsys.readouterr().out
     html = (out / "report.html").read_text()
+    assert "diffuse DELTA regions" in html
     assert "<html" in html and "http" not in html.replace("http-equiv", "")  # self-contained
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no temporary folder left
 

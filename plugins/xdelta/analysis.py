@@ -93,6 +93,7 @@ def to_report(result: Result, test_set, s: XDeltaSettings) -> Report:
     report = Report()
     sc = report.scalars
     sc["explained"], sc["evaluated"] = float(summary["explained"]), float(summary["evaluated"])
+    sc["diffuse"] = float(summary["diffuse"])
     for k, v in summary["accuracy"].items():
         sc[f"accuracy/{k}"] = v
     for c in CATEGORIES:

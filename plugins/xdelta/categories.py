@@ -16,6 +16,10 @@ right, compare the DELTA's region D with the edge's region E and with the object
                             region (sharpening it, suppressing the rest as noise)
     MIXED                   in between
 
+A DELTA region of ``diffuse_area`` of the image or more is counted as diffuse (reported, not a
+category): the map was nearly flat, so half its maximum took in most of the image, and overlap then
+measures the edge region's area rather than where the DELTA looked.
+
 The paper states the categories in words; the two overlap cut-offs, the locality cut-off, the
 dilation and the NONE area are this implementation's (documented, configurable) reading. Every
 score is returned with the label; no score is ever NaN (an empty D gives overlap = locality = 0
@@ -47,9 +51,11 @@ class Thresholds:
     complement_max: float = 0.25  # overlap at or below: COMPLEMENT
     enhance_min: float = 0.75  # overlap at or above: ENHANCE (between the two: MIXED)
     part_coverage: float = 0.5  # semantic: a part is in the DELTA region when this share of it is covered
+    diffuse_area: float = 0.5  # reported, not a category: a DELTA region this share of the image or more
 
     def __post_init__(self):
-        for name in ("region_fraction", "none_area", "local_min", "complement_max", "enhance_min", "part_coverage"):
+        for name in ("region_fraction", "none_area", "local_min", "complement_max", "enhance_min", "part_coverage",
+                     "diffuse_area"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"xdelta.{name} must be in [0, 1], got {value}")

@@ -109,6 +109,9 @@ class Explanation:
             "evaluated": int(len(self.predictions.index)), "explained": len(self), "reference": self.reference,
             "object_source": self.object_source, "accuracy": self.predictions.accuracy(),
             "categories": per_category, "category_counts": dict(counts), "seconds": round(self.seconds, 3),
+            "diffuse": int((self.scores.delta_area >= self.thresholds.diffuse_area).sum()),
+            "median_area": {"delta": float(self.scores.delta_area.median()) if len(self) else None,
+                            "edge": float(self.scores.edge_area.median()) if len(self) else None},
             "thresholds": self.thresholds.__dict__,
         }
         if self.concept_counts is not None:

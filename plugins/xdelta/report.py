@@ -86,6 +86,7 @@ def markdown_summary(summary: Mapping[str, Any]) -> str:
         row = summary["categories"][c]
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {c} | {row['count']} | {fmt(row['mean_overlap'])} | {fmt(row['mean_locality'])} |")
+    lines += ["", diffuse_line(summary)]
     if "top_concepts" in summary:
         lines += ["", "top missed concepts (share of explained samples whose DELTA region covers the part): "
                   + ", ".join(f"{n} {f:.2f}" for n, f in summary["top_concepts"])]
@@ -93,6 +94,19 @@ def markdown_summary(summary: Mapping[str, Any]) -> str:
         for cls, top in summary["top_concepts_per_class"].items():
             lines.append(f"| {cls} | " + ", ".join(f"{n} {f:.2f}" for n, f in top) + " |")
     return "\n".join(lines)
+
+
+def diffuse_line(summary: Mapping[str, Any]) -> str:
+    """How many DELTA regions cover most of the image (flat maps: their categories say little)."""
+    area = summary["median_area"]
+    median = "" if area["delta"] is None else (f"; median region share of the image: DELTA {area['delta']:.3f}, "
+                                               f"edge {area['edge']:.3f}")
+    line = (f"diffuse DELTA regions (>= {summary['thresholds']['diffuse_area']:.2f} of the image): "
+            f"{summary['diffuse']} of {summary['explained']}{median}")
+    if summary["explained"] and summary["diffuse"] * 2 > summary["explained"]:
+        line += (" -- most DELTA maps are nearly flat, so their overlap measures the edge region's area, not where "
+                 "the DELTA looked")
+    return line
 
 
 def examples(explanation, dataset, per_category: int = 8, scale: int = 4) -> dict[str, tuple[np.ndarray, list[dict]]]:
@@ -131,6 +145,7 @@ def html_report(summary: Mapping[str, Any], explanation, dataset, *, per_categor
              "<h2>Geometric categories</h2>",
              _table([[c, r["count"], r["mean_overlap"], r["mean_locality"]] for c, r in summary["categories"].items()],
                     ["category", "count", "mean overlap", "mean locality"]),
+             f"<p>{html.escape(diffuse_line(summary))}</p>",
              "<p>Thresholds: " + html.escape(", ".join(f"{k}={v}" for k, v in summary["thresholds"].items())) + "</p>"]
     if "top_concepts" in summary:
         parts += ["<h2>Most frequently missed concepts</h2>",
