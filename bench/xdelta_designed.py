@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = summary["category_counts"]
     expected = counts.get("LOCAL_ENHANCE", 0)
     print(json.dumps({"accuracy": e.predictions.accuracy(), "explained": len(e), "counts": counts,
-                      "local_enhance_share": expected / max(len(e), 1),
+                      "local_enhance_share": expected / max(len(e), 1), "diffuse": summary["diffuse"],
                       "blind_class_top_concepts": e.concept_counts.top(3, blind) if len(e) else [],
                       "median_region_pixels": {"delta": int(e.delta_region.flatten(1).sum(1).median()) if len(e) else 0,
                                                "edge": int(e.edge_region.flatten(1).sum(1).median()) if len(e) else 0},
