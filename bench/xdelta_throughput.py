@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--delta-map-size", type=int, default=None,
+                   help="the DELTA layer GradCAM++ reads (default: the xdelta plugin's; 0: its last)")
     args = p.parse_args(argv)
     import numpy as np
     import torch
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     _, test = saved.datasets()
+    size = {} if args.delta_map_size is None else {"delta_map_size": args.delta_map_size}
     n = min(args.samples, len(test))
     indices = np.arange(n)
     test.get(indices)  # render the images once, outside the timing
@@ -71,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     best = None
     for _ in range(args.repeats):
         started = time.perf_counter()
-        e = explain(saved.fused, saved.base, test, indices, Thresholds(), batch_size=args.batch_size)
+        e = explain(saved.fused, saved.base, test, indices, Thresholds(), batch_size=args.batch_size, **size)
         seconds = time.perf_counter() - started
         best = seconds if best is None else min(best, seconds)
-    print(f"pair {saved.pair_dir} / {saved.delta_dir.name}; torch threads {torch.get_num_threads()}")
+    print(f"pair {saved.pair_dir} / {saved.delta_dir.name}; torch threads {torch.get_num_threads()}; "
+          f"diffuse DELTA regions {e.summary()['diffuse']}")
     print(f"evaluated {n} test images, explained {len(e)} (edge wrong, base right); best of {args.repeats}: "
           f"{best:.2f} s")
     print(f"{len(e) / best:.1f} explained images/s, {n / best:.1f} evaluated images/s")

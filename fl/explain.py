@@ -42,6 +42,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=500, help="test images evaluated (default 500)")
     p.add_argument("--reference", default="base", choices=("base", "fused"))
     p.add_argument("--threshold", type=float, default=None, help="region threshold, share of the map's maximum")
+    p.add_argument("--delta-map-size", type=int, default=None,
+                   help="GradCAM++ on the DELTA's last layer with a map at least this large (default: the xdelta "
+                        "plugin's; 0: its SE output, the paper's last feature layer, at any size)")
     p.add_argument("--examples", type=int, default=8, help="overlays per category")
     p.add_argument("--compression", action="store_true", help="also the pruned-edge study (trains 3 DELTAs)")
     p.add_argument("--no-opportunistic", action="store_true")
@@ -66,13 +69,22 @@ def main(argv: list[str] | None = None) -> int:
             thresholds = Thresholds() if args.threshold is None else Thresholds(region_fraction=args.threshold)
         except ValueError as exc:
             raise ConfigError("--threshold", str(exc)) from None
-        settings = XDeltaSettings(samples=args.samples, reference=args.reference, thresholds=thresholds,
+        size = {} if args.delta_map_size is None else {"delta_map_size": args.delta_map_size}
+        if args.delta_map_size is not None and args.delta_map_size < 0:
+            raise ConfigError("--delta-map-size", f"must be >= 0 (0: the DELTA's last layer), got {args.delta_map_size}")
+        settings = XDeltaSettings(samples=args.samples, reference=args.reference, thresholds=thresholds, **size,
                                   examples=max(0, args.examples), opportunistic=not args.no_opportunistic,
                                   compression=args.compression, seed=args.seed)
         from plugins.xdelta.saved import load_saved
 
         saved = load_saved(args.pair_dir, args.delta)
         train, test = saved.datasets()
+        from plugins.xdelta.gradcam import delta_layer
+
+        try:
+            delta_layer(saved.fused, (test.channels, test.image_size, test.image_size), settings.delta_map_size)
+        except ValueError as exc:
+            raise ConfigError("--delta-map-size", str(exc).split(": ", 1)[-1]) from None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -53,6 +53,9 @@ def main(cfg: DictConfig) -> None:
         summary = execute(server, engine, launched_at=LAUNCHED_AT, resume=resume, faults=faults)
     except BaseException as exc:
         Path(run_dir, ERROR_FILE).write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
+        if isinstance(exc, ConfigError):  # found once the run had started (a plugin's check at round 0)
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         raise
     strategy = getattr(server.make_strategy, "func", server.make_strategy).__name__
     print(f"done: {strategy} on {server.client.data.name}, {server.client.data.num_clients} clients, "

@@ -14,7 +14,8 @@ from torch import nn
 
 from plugins.xdelta.categories import CATEGORIES, NONE, Thresholds, categorize, geometric_scores
 from plugins.xdelta.concepts import inherited, part_coverage
-from plugins.xdelta.gradcam import GradCAMPlusPlus, gradcam_pp_map, last_conv_activation, not_inplace
+from plugins.xdelta.gradcam import (Explainers, GradCAMPlusPlus, conv_activations, delta_layer, gradcam_pp_map,
+                                    last_conv_activation, not_inplace)
 from plugins.xdelta.regions import label_components, threshold_regions
 
 
@@ -116,6 +117,25 @@ def test_edge_layer_is_the_rectified_last_conv_and_copies_are_not_inplace():
     copy = not_inplace(edge)
     assert not any(getattr(m, "inplace", False) for m in copy.modules())
     assert edge.features[1].inplace  # the original is untouched
+
+
+def test_delta_layer_is_the_se_output_unless_its_map_is_smaller_than_asked():
+    from fl.delta.network import FusedDelta, random_arch
+
+    fused = FusedDelta(random_arch(10)).eval()  # convs 32x32 and 16x16 (each pooled after), SE map 8x8
+    shape = (3, 32, 32)
+    convs = conv_activations(fused.delta.features)
+    assert [type(m) for m in convs] == [nn.ReLU, nn.ReLU]
+    assert delta_layer(fused, shape, 0) is fused.delta.se
+    assert delta_layer(fused, shape, 8) is fused.delta.se
+    assert delta_layer(fused, shape, 9) is convs[1] and delta_layer(fused, shape, 16) is convs[1]
+    assert delta_layer(fused, shape, 32) is convs[0]
+    with pytest.raises(ValueError, match="no DELTA layer has a map of at least 33x33 \\(largest 32x32\\)"):
+        delta_layer(fused, shape, 33)
+    x = torch.rand(2, 3, 32, 32)
+    for size, side in ((0, 8), (16, 16), (32, 32)):
+        cam = Explainers(fused, delta_map_size=size).delta_cam.attribute(x, 0, upsample=False)
+        assert cam.shape == (2, side, side) and torch.isfinite(cam).all()
 
 
 # -- regions ----------------------------------------------------------------------------------------
@@ -269,6 +289,8 @@ def test_cli_writes_a_complete_report(tmp_path, capsys):
     (["--pair-dir", "{pair}", "--delta", "nope"], "--delta"),
     (["--pair-dir", "{pair}", "--threshold", "1.5"], "--threshold"),
     (["--pair-dir", "{pair}", "--samples", "0"], "--samples"),
+    (["--pair-dir", "{pair}", "--delta-map-size", "-1"], "--delta-map-size"),
+    (["--pair-dir", "{pair}", "--delta-map-size", "64"], "--delta-map-size"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, key):
     from fl.explain import main
@@ -357,3 +379,16 @@ def test_the_plugin_explains_the_final_model_of_a_delta_run(tmp_path):
     counts = [v for tag, v in last.items() if tag.startswith("plugin/xdelta/count/")]
     assert last["plugin/xdelta/evaluated"] == 64 and len(counts) == 7  # the seven categories, NONE included
     assert sum(counts) == last["plugin/xdelta/explained"]
+
+
+def test_the_plugin_refuses_a_delta_map_size_that_no_layer_has_before_round_1(tmp_path):
+    from fl.errors import ConfigError
+    from tests.helpers import run_inprocess
+    from tests.test_delta_strategy import TINY
+
+    with pytest.raises(ConfigError, match="plugins.xdelta.delta_map_size: no DELTA layer has a map of at least 64x64"):
+        run_inprocess(tmp_path / "run", [
+            "sim=delta_100clients", "num_clients=4", "fraction_fit=0.5", "rounds=1", f"model.cache_dir={tmp_path}/cache",
+            "plugins=[xdelta]", "plugins.xdelta.delta_map_size=64", "tensorboard=false", *TINY])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+

@@ -18,6 +18,7 @@ from fl.hooks import Report
 from plugins.xdelta import report as render
 from plugins.xdelta.categories import CATEGORIES, Thresholds
 from plugins.xdelta.compression_study import compression_study, side_by_side
+from plugins.xdelta.gradcam import DELTA_MAP_SIZE
 from plugins.xdelta.opportunistic import study, weak_classes
 from plugins.xdelta.pipeline import Explanation, explain, predict
 
@@ -27,6 +28,7 @@ class XDeltaSettings:
     samples: int = 500  # test images evaluated (the first ones; explained: edge wrong, reference right)
     reference: str = "base"  # base | fused (edge+DELTA)
     thresholds: Thresholds = Thresholds()
+    delta_map_size: int = DELTA_MAP_SIZE  # GradCAM++ on the DELTA's last layer with a map this large (0: its last)
     batch_size: int = 100
     examples: int = 8  # overlays per category
     top_concepts: int = 5
@@ -43,6 +45,8 @@ class XDeltaSettings:
     def __post_init__(self):
         if self.samples < 1 or self.batch_size < 1 or self.examples < 0 or self.weak_classes < 0:
             raise ValueError("xdelta: samples and batch_size must be >= 1, examples and weak_classes >= 0")
+        if self.delta_map_size < 0:
+            raise ValueError(f"xdelta.delta_map_size must be >= 0 (0: the DELTA's last layer), got {self.delta_map_size}")
 
 
 @dataclass
@@ -59,7 +63,8 @@ def analyze(fused: nn.Module, base: nn.Module | None, test_set, s: XDeltaSetting
 
     n = min(s.samples, len(test_set))
     indices = np.arange(n)
-    e = explain(fused, base, test_set, indices, s.thresholds, reference=s.reference, batch_size=s.batch_size)
+    e = explain(fused, base, test_set, indices, s.thresholds, reference=s.reference, batch_size=s.batch_size,
+                delta_map_size=s.delta_map_size)
     result = Result(e, e.summary(s.top_concepts))
     if s.opportunistic:
         held = np.arange(n, len(test_set)) if len(test_set) > n else indices  # weak classes come from `indices`
@@ -81,7 +86,8 @@ def analyze(fused: nn.Module, base: nn.Module | None, test_set, s: XDeltaSetting
             raise ValueError("xdelta.compression needs the base model and the pair's server split")
         results = compression_study(fused, base, train_set, test_set, indices, s.thresholds, sparsities=s.sparsities,
                                     finetune_epochs=s.finetune_epochs, delta_epochs=s.delta_epochs,
-                                    train_samples=s.train_samples, seed=s.seed, original=e)
+                                    train_samples=s.train_samples, seed=s.seed, original=e,
+                                    delta_map_size=s.delta_map_size)
         result.raw["compression"] = results
         result.studies["Missed concepts of pruned edges (share of each model's explained samples)"] = \
             side_by_side(results)

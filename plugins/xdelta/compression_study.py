@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from plugins.xdelta.categories import Thresholds
+from plugins.xdelta.gradcam import DELTA_MAP_SIZE
 from plugins.xdelta.pipeline import Explanation, explain
 
 
@@ -55,7 +56,8 @@ def pruned_fused(fused: nn.Module, base: nn.Module, sparsity: float, x: Tensor, 
 def compression_study(fused: nn.Module, base: nn.Module, train_set, test_set, indices: np.ndarray,
                       thresholds: Thresholds, *, sparsities: Sequence[float] = (0.3, 0.5, 0.7),
                       finetune_epochs: int = 2, delta_epochs: int = 5, train_samples: int = 1000,
-                      seed: int = 0, original: Explanation | None = None) -> dict[str, Any]:
+                      seed: int = 0, original: Explanation | None = None,
+                      delta_map_size: int = DELTA_MAP_SIZE) -> dict[str, Any]:
     """Per model (the original edge and each pruned one): accuracy, explained count and concept frequencies."""
     from fl.models import model_profile
 
@@ -73,7 +75,8 @@ def compression_study(fused: nn.Module, base: nn.Module, train_set, test_set, in
     for entry in models:
         name, sparsity, model = entry[:3]
         e = original if (sparsity == 0.0 and original is not None) else explain(model, base, test_set, indices,
-                                                                               thresholds)
+                                                                               thresholds,
+                                                                               delta_map_size=delta_map_size)
         profile = model_profile(model.edge, test_set.channels, test_set.image_size)
         results[name] = {"sparsity": sparsity, "edge_params": profile["params"], "edge_macs": profile["macs"],
                          "accuracy": e.predictions.accuracy(), "explained": len(e),

@@ -13,7 +13,11 @@ paper, the second and third derivatives are powers of the first):
     map        = relu(sum_k w_k A_k), bilinearly upsampled to the input size.
 
 Which layers (a documented choice; the paper names "the last feature layer"):
-    DELTA  the output of its SE block (``delta.se``): the last spatial map before pooling;
+    DELTA  the output of its SE block (``delta.se``): the last spatial map before pooling; or,
+           with ``delta_map_size`` N > 0 and an SE map smaller than N x N, the rectified output
+           of the DELTA's last conv whose map is at least N x N (``delta_layer``). The paper's
+           images are 224 pixels; on 32x32 images a DELTA cut from a VGG ends in a 2x2 map,
+           whose one cell is a quarter of the image, so its region cannot say where it looked;
     edge   the rectified output of its last conv (the activation module right after the last
            ``nn.Conv2d`` in ``edge.features``), which is where GradCAM reads a VGG-style CNN;
     base   the same rule as the edge (used for locality when a dataset has no object masks).
@@ -64,6 +68,10 @@ class GradCAMPlusPlus:
         return cam
 
 
+DELTA_MAP_SIZE = 8  # default of xdelta.delta_map_size (sim_configs/plugins/xdelta.yaml)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish)
+
+
 def not_inplace(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with every in-place ReLU made out-of-place (same function)."""
     clone = copy.deepcopy(model).eval()
@@ -73,31 +81,71 @@ def not_inplace(model: nn.Module) -> nn.Module:
     return clone
 
 
+def _rectified(modules: list[nn.Module], i: int) -> nn.Module:
+    """The activation module after the conv ``modules[i]`` (past any normalization), or that conv."""
+    for m in modules[i + 1:]:
+        if isinstance(m, _ACTIVATIONS):
+            return m
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            break
+    return modules[i]
+
+
+def conv_activations(features: nn.Module) -> list[nn.Module]:
+    """The rectified output of every ``nn.Conv2d`` of ``features``, in order."""
+    modules = list(features.modules())
+    return [_rectified(modules, i) for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
+
+
 def last_conv_activation(features: nn.Module) -> nn.Module:
     """The activation module right after the last ``nn.Conv2d`` of ``features`` (or that conv)."""
-    modules = list(features.modules())
-    convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
-    if not convs:
+    layers = conv_activations(features)
+    if not layers:
         raise ValueError("no nn.Conv2d in the feature extractor: nothing to explain with GradCAM++")
-    last = convs[-1]
-    for m in modules[last + 1:]:
-        if isinstance(m, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish)):
-            return m
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            break
-        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-            break
-    return modules[last]
+    return layers[-1]
+
+
+def delta_layer(fused: nn.Module, input_shape: tuple[int, int, int], min_map: int = 0) -> nn.Module:
+    """The DELTA layer GradCAM++ reads: its SE output when ``min_map`` is 0 or that map is at least
+    ``min_map`` on each side, else the rectified output of its last conv whose map is."""
+    if min_map < 0:
+        raise ValueError(f"xdelta.delta_map_size must be >= 0, got {min_map}")
+    delta = fused.delta
+    candidates = conv_activations(delta.features) + [delta.se]
+    sizes: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, _inputs, out: Tensor) -> None:  # returns None: the output stays as it is
+        sizes[module] = min(out.shape[-2:])
+
+    hooks = [m.register_forward_hook(record) for m in candidates]
+    try:
+        with torch.no_grad():
+            was_training = fused.training
+            fused.eval()
+            fused(torch.zeros(1, *input_shape))
+            fused.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    if min_map == 0 or sizes[delta.se] >= min_map:
+        return delta.se
+    fitting = [m for m in candidates[:-1] if sizes[m] >= min_map]
+    if not fitting:
+        raise ValueError(f"xdelta.delta_map_size: no DELTA layer has a map of at least {min_map}x{min_map} "
+                         f"(largest {max(sizes.values())}x{max(sizes.values())}); choose a smaller size, or 0 for "
+                         "the last feature layer")
+    return fitting[-1]
 
 
 class Explainers:
     """GradCAM++ for the fused model's DELTA, the edge and (optionally) the base, built once."""
 
-    def __init__(self, fused: nn.Module, base: nn.Module | None = None):
+    def __init__(self, fused: nn.Module, base: nn.Module | None = None, *,
+                 input_shape: tuple[int, int, int] = (3, 32, 32), delta_map_size: int = DELTA_MAP_SIZE):
         self.fused = not_inplace(fused)
         self.edge = self.fused.edge
         self.base = None if base is None else not_inplace(base)
-        self.delta_cam = GradCAMPlusPlus(self.fused, self.fused.delta.se)
+        self.delta_cam = GradCAMPlusPlus(self.fused, delta_layer(self.fused, input_shape, delta_map_size))
         self.edge_cam = GradCAMPlusPlus(self.edge, last_conv_activation(self.edge.features))
         self.base_cam = None if self.base is None else GradCAMPlusPlus(
             self.base, last_conv_activation(self.base.features))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from plugins.xdelta.categories import CATEGORIES, GeometricScores, Thresholds, geometric_scores
 from plugins.xdelta.concepts import ConceptCounts, inherited, part_coverage
-from plugins.xdelta.gradcam import Explainers
+from plugins.xdelta.gradcam import DELTA_MAP_SIZE, Explainers
 from plugins.xdelta.regions import threshold_regions
 
 REFERENCES = ("base", "fused")
@@ -144,8 +144,10 @@ def predict(fused: nn.Module, base: nn.Module | None, dataset, indices: np.ndarr
 
 
 def explain(fused: nn.Module, base: nn.Module | None, dataset, indices: np.ndarray, thresholds: Thresholds, *,
-            reference: str = "base", batch_size: int = 100, predictions: Predictions | None = None) -> Explanation:
-    """Explain every sample of ``dataset[indices]`` that the edge gets wrong and the reference right."""
+            reference: str = "base", batch_size: int = 100, predictions: Predictions | None = None,
+            delta_map_size: int = DELTA_MAP_SIZE) -> Explanation:
+    """Explain every sample of ``dataset[indices]`` that the edge gets wrong and the reference right
+    (``delta_map_size``: which DELTA layer, ``gradcam.delta_layer``)."""
     if reference not in REFERENCES:
         raise ValueError(f"xdelta.reference must be one of {REFERENCES}, got {reference!r}")
     if reference == "base" and base is None:
@@ -162,7 +164,8 @@ def explain(fused: nn.Module, base: nn.Module | None, dataset, indices: np.ndarr
     chosen = ((preds.edge.argmax(1) != y) & (ref_logits.argmax(1) == y)).numpy()
     index = preds.index[chosen]
     edge_pred, fused_pred = preds.edge.argmax(1).numpy()[chosen], preds.fused.argmax(1).numpy()[chosen]
-    cams = Explainers(fused, base if not has_masks else None)
+    cams = Explainers(fused, base if not has_masks else None, delta_map_size=delta_map_size,
+                      input_shape=(dataset.channels, dataset.image_size, dataset.image_size))
     maps: dict[str, list[Tensor]] = {"delta": [], "edge": [], "object": [], "parts": []}
     for start in range(0, len(index), batch_size):
         batch = slice(start, start + batch_size)

@@ -17,21 +17,25 @@ from typing import Any, Mapping, Sequence
 
 from flwr.app import ArrayRecord
 
+from fl.errors import ConfigError
 from fl.hooks import Plugin, Report, RunView, register_plugin
 from plugins.xdelta.analysis import XDeltaSettings, analyze, html, to_report
 from plugins.xdelta.categories import Thresholds
+from plugins.xdelta.gradcam import DELTA_MAP_SIZE, delta_layer
 
 
 @register_plugin("xdelta")
 class XDelta(Plugin):
     def __init__(self, samples: int = 500, reference: str = "base", batch_size: int = 100, examples: int = 8,
-                 top_concepts: int = 5, thresholds: Mapping[str, Any] | None = None, opportunistic: bool = True,
+                 top_concepts: int = 5, thresholds: Mapping[str, Any] | None = None,
+                 delta_map_size: int = DELTA_MAP_SIZE, opportunistic: bool = True,
                  gate_thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9), weak_classes: int = 3,
                  compression: bool = False, sparsities: Sequence[float] = (0.3, 0.5, 0.7), finetune_epochs: int = 2,
                  delta_epochs: int = 5, train_samples: int = 1000, pair: Mapping[str, Any] | None = None,
                  cache_dir: str = ".cache/delta", report_file: str | None = "xdelta_report.html", seed: int = 0):
         self.settings = XDeltaSettings(
             samples=int(samples), reference=str(reference), thresholds=Thresholds(**dict(thresholds or {})),
+            delta_map_size=int(delta_map_size),
             batch_size=int(batch_size), examples=int(examples), top_concepts=int(top_concepts),
             opportunistic=bool(opportunistic), gate_thresholds=tuple(float(t) for t in gate_thresholds),
             weak_classes=int(weak_classes), compression=bool(compression),
@@ -42,17 +46,22 @@ class XDelta(Plugin):
         self.pair, self.cache_dir, self.report_file = pair, str(cache_dir), report_file
         self._latest: ArrayRecord | None = None
 
+    def on_run_start(self, run: RunView) -> Report | None:
+        """Refuse, before round 1, a model or a ``delta_map_size`` that the end of the run could not explain."""
+        fused = self._fused(run, run.initial_arrays)
+        test = run.federation.test
+        try:
+            delta_layer(fused, (test.channels, test.image_size, test.image_size), self.settings.delta_map_size)
+        except ValueError as exc:
+            raise ConfigError("plugins.xdelta.delta_map_size", str(exc).split(": ", 1)[-1]) from None
+        return None
+
     def after_aggregate(self, run: RunView, server_round: int, arrays: ArrayRecord) -> Report | None:
         self._latest = arrays
         return None
 
     def on_run_end(self, run: RunView) -> Report | None:
-        from fl.delta.network import FusedDelta
-
-        fused = run.load_global(run.initial_arrays if self._latest is None else self._latest)
-        if not isinstance(fused, FusedDelta):
-            raise ValueError(f"xdelta explains a fused edge+DELTA model (model=delta); this run's model is a "
-                             f"{type(fused).__name__}")
+        fused = self._fused(run, run.initial_arrays if self._latest is None else self._latest)
         fused.eval()
         base, train = self._pair()
         result = analyze(fused, base, run.federation.test, self.settings, train)
@@ -60,6 +69,16 @@ class XDelta(Plugin):
         if self.report_file:  # written by the run's logger, atomically
             report.files[self.report_file] = html(result, run.federation.test, self.settings)
         return report
+
+    @staticmethod
+    def _fused(run: RunView, arrays: ArrayRecord):
+        from fl.delta.network import FusedDelta
+
+        fused = run.load_global(arrays)
+        if not isinstance(fused, FusedDelta):
+            raise ConfigError("plugins", f"xdelta explains a fused edge+DELTA model (model=delta, e.g. "
+                                         f"sim=delta_100clients); this run's model is a {type(fused).__name__}")
+        return fused
 
     def _pair(self):
         """The pair's base and server split, or (None, None) without a pair (then edge+DELTA is the reference)."""
