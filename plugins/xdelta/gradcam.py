@@ -16,8 +16,9 @@ Which layers (a documented choice; the paper names "the last feature layer"):
     DELTA  the output of its SE block (``delta.se``): the last spatial map before pooling; or,
            with ``delta_map_size`` N > 0 and an SE map smaller than N x N, the rectified output
            of the DELTA's last conv whose map is at least N x N (``delta_layer``). The paper's
-           images are 224 pixels; on 32x32 images a DELTA cut from a VGG ends in a 2x2 map,
-           whose one cell is a quarter of the image, so its region cannot say where it looked;
+           images are 224 pixels; on 32x32 images the shipped DELTA (cut from a VGG11 with four
+           pools) ends in a 2x2 map, one cell of which is a quarter of the image, so a region
+           there cannot say where the DELTA looked;
     edge   the rectified output of its last conv (the activation module right after the last
            ``nn.Conv2d`` in ``edge.features``), which is where GradCAM reads a VGG-style CNN;
     base   the same rule as the edge (used for locality when a dataset has no object masks).
