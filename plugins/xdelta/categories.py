@@ -17,8 +17,9 @@ right, compare the DELTA's region D with the edge's region E and with the object
     MIXED                   in between
 
 A DELTA region of ``diffuse_area`` of the image or more is counted as diffuse (reported, not a
-category): the map was nearly flat, so half its maximum took in most of the image, and overlap then
-measures the edge region's area rather than where the DELTA looked.
+category): the map was nearly flat or coarser than the object (a 2x2 map on a 32x32 image), so
+half its maximum took in most of the image, and overlap then measures the edge region's area
+rather than where the DELTA looked.
 
 The paper states the categories in words; the two overlap cut-offs, the locality cut-off, the
 dilation and the NONE area are this implementation's (documented, configurable) reading. Every

@@ -97,15 +97,15 @@ def markdown_summary(summary: Mapping[str, Any]) -> str:
 
 
 def diffuse_line(summary: Mapping[str, Any]) -> str:
-    """How many DELTA regions cover most of the image (flat maps: their categories say little)."""
+    """How many DELTA regions cover most of the image (flat or coarse maps: their categories say little)."""
     area = summary["median_area"]
     median = "" if area["delta"] is None else (f"; median region share of the image: DELTA {area['delta']:.3f}, "
                                                f"edge {area['edge']:.3f}")
     line = (f"diffuse DELTA regions (>= {summary['thresholds']['diffuse_area']:.2f} of the image): "
             f"{summary['diffuse']} of {summary['explained']}{median}")
     if summary["explained"] and summary["diffuse"] * 2 > summary["explained"]:
-        line += (" -- most DELTA maps are nearly flat, so their overlap measures the edge region's area, not where "
-                 "the DELTA looked")
+        line += (" -- most DELTA maps are flat or coarser than the object (a larger delta_map_size reads a finer "
+                 "DELTA layer), so their overlap measures the edge region's area, not where the DELTA looked")
     return line
 
 
