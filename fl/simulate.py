@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> None:
         summary = execute(server, engine, launched_at=LAUNCHED_AT, resume=resume, faults=faults)
     except BaseException as exc:
         Path(run_dir, ERROR_FILE).write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
-        if isinstance(exc, ConfigError):  # found once the run had started (a plugin's check at round 0)
+        if isinstance(exc, ConfigError):  # found once the run had started: a plugin's options or its check
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         raise

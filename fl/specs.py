@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import torch.nn as nn
 
+from fl.errors import ConfigError
+
 Options = tuple[tuple[str, Any], ...]
 
 
@@ -79,9 +81,15 @@ class PluginSpec:
     options: Options = ()
 
     def build(self):
+        """The plugin; a ValueError from its constructor (a bad option) becomes a ConfigError naming it."""
         from hydra.utils import get_object
 
-        plugin = get_object(self.target)(**thaw(self.options))
+        try:
+            plugin = get_object(self.target)(**thaw(self.options))
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"plugins.{self.name}", str(exc)) from None
         plugin.name = self.name  # the config key names it in logs: plugin/<name>/...
         return plugin
 
