@@ -64,27 +64,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--samples", f"must be >= 1, got {args.samples}")
         from plugins.xdelta.analysis import XDeltaSettings
         from plugins.xdelta.categories import Thresholds
+        from plugins.xdelta.gradcam import DELTA_MAP_SIZE, delta_layer
+        from plugins.xdelta.saved import load_saved
 
         try:
             thresholds = Thresholds() if args.threshold is None else Thresholds(region_fraction=args.threshold)
         except ValueError as exc:
             raise ConfigError("--threshold", str(exc)) from None
-        size = {} if args.delta_map_size is None else {"delta_map_size": args.delta_map_size}
-        if args.delta_map_size is not None and args.delta_map_size < 0:
-            raise ConfigError("--delta-map-size", f"must be >= 0 (0: the DELTA's last layer), got {args.delta_map_size}")
-        settings = XDeltaSettings(samples=args.samples, reference=args.reference, thresholds=thresholds, **size,
-                                  examples=max(0, args.examples), opportunistic=not args.no_opportunistic,
-                                  compression=args.compression, seed=args.seed)
-        from plugins.xdelta.saved import load_saved
-
         saved = load_saved(args.pair_dir, args.delta)
         train, test = saved.datasets()
-        from plugins.xdelta.gradcam import delta_layer
-
+        map_size = DELTA_MAP_SIZE if args.delta_map_size is None else args.delta_map_size
         try:
-            delta_layer(saved.fused, (test.channels, test.image_size, test.image_size), settings.delta_map_size)
+            delta_layer(saved.fused, (test.channels, test.image_size, test.image_size), map_size)
         except ValueError as exc:
-            raise ConfigError("--delta-map-size", str(exc).split(": ", 1)[-1]) from None
+            raise ConfigError("--delta-map-size", str(exc)) from None
+        settings = XDeltaSettings(samples=args.samples, reference=args.reference, thresholds=thresholds,
+                                  delta_map_size=map_size, examples=max(0, args.examples),
+                                  opportunistic=not args.no_opportunistic, compression=args.compression, seed=args.seed)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

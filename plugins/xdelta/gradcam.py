@@ -108,9 +108,11 @@ def last_conv_activation(features: nn.Module) -> nn.Module:
 
 def delta_layer(fused: nn.Module, input_shape: tuple[int, int, int], min_map: int = 0) -> nn.Module:
     """The DELTA layer GradCAM++ reads: its SE output when ``min_map`` is 0 or that map is at least
-    ``min_map`` on each side, else the rectified output of its last conv whose map is."""
+    ``min_map`` on each side, else the rectified output of its last conv whose map is. A ValueError
+    (its message without the option's name, which the caller's ConfigError adds) for a size < 0 or
+    one that no layer reaches."""
     if min_map < 0:
-        raise ValueError(f"xdelta.delta_map_size must be >= 0, got {min_map}")
+        raise ValueError(f"must be >= 0 (0: the DELTA's last layer), got {min_map}")
     delta = fused.delta
     candidates = conv_activations(delta.features) + [delta.se]
     sizes: dict[nn.Module, int] = {}
@@ -132,7 +134,7 @@ def delta_layer(fused: nn.Module, input_shape: tuple[int, int, int], min_map: in
         return delta.se
     fitting = [m for m in candidates[:-1] if sizes[m] >= min_map]
     if not fitting:
-        raise ValueError(f"xdelta.delta_map_size: no DELTA layer has a map of at least {min_map}x{min_map} "
+        raise ValueError(f"no DELTA layer has a map of at least {min_map}x{min_map} "
                          f"(largest {max(sizes.values())}x{max(sizes.values())}); choose a smaller size, or 0 for "
                          "the last feature layer")
     return fitting[-1]

@@ -53,7 +53,7 @@ class XDelta(Plugin):
         try:
             delta_layer(fused, (test.channels, test.image_size, test.image_size), self.settings.delta_map_size)
         except ValueError as exc:
-            raise ConfigError("plugins.xdelta.delta_map_size", str(exc).split(": ", 1)[-1]) from None
+            raise ConfigError("plugins.xdelta.delta_map_size", str(exc)) from None
         return None
 
     def after_aggregate(self, run: RunView, server_round: int, arrays: ArrayRecord) -> Report | None:
