@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from clients.dense import ClientData, TrainHyper
-from fl.batchnorm import smallest_batch, statistics_after, statistics_before
 from clients.trainer import ClientEnv, hyper_from, register_trainer
+from fl.batchnorm import smallest_batch, statistics_after, statistics_before
 from fl.keys import CODEC, UP_CODEC
 from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap
 
