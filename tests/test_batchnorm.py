@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from fl.batchnorm import recompute_batchnorm
 from clients.dense import ClientData, TrainHyper, train_dense
+from fl.batchnorm import recompute_batchnorm
 from fl.errors import ConfigError
 
 
