@@ -29,6 +29,7 @@ HeteroFL-style nested width tiers (Diao et al., ICLR 2021).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -53,6 +54,7 @@ from strategies.hermes import HOLDERS, Upload, _slice_codec_name, average_held
 DEFAULT_TIERS = (1.0, 1 / math.sqrt(2), 0.5, 1 / (2 * math.sqrt(2)))
 ASSIGNMENTS = ("equal", "profiles")
 _TIER_STREAM = 0x7E12  # seed word of the equal tier assignment
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class DeltaFactorized(FederatedStrategy):
         self._sent_version: dict[int, int] = {}  # partition -> version sent this round
         self._test_edge: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._tier_of: list[int] | None = None  # partition -> tier index (a function of the config)
+        self._sizes_logged = False
 
     # -- configure: each sampled client gets its tier's DELTA slice (+ E and C_B once) --------
 
@@ -240,6 +243,23 @@ class DeltaFactorized(FederatedStrategy):
                                        "construct DeltaFactorized with build_model")
         if set(self.global_state) != set(self.template.state_dict()):
             raise ConfigError("model", "the global arrays are not the fused model's state (use model=delta)")
+        if not self._sizes_logged:
+            self._sizes_logged = True
+            full = self.tier_sizes()[self.tiers[0]]
+            for width, (params, up) in self.tier_sizes().items():
+                log.info("DELTA tier %s: %s parameters (%.1f%%), %s bytes up per client and round (%.1f%%)",
+                         width_key(width), f"{params:,}", 100 * params / full[0], f"{up:,}", 100 * up / full[1])
+
+    def tier_sizes(self) -> dict[float, tuple[int, int]]:
+        """Per tier: the DELTA parameters a client of that width trains and the bytes of its upload
+        (its slice as ``codec.up`` serializes it, without E)."""
+        out = {}
+        for width in self.tiers:
+            reference, keep = upload_layout(self.global_state, self.arch_json, width, False)
+            blocks = blocks_for(self.global_state, reference, keep)
+            out[width] = (sum(t.numel() for t in blocks.values()),
+                          self.up_codec.encode_slices(blocks, keep).count_bytes())
+        return out
 
     @property
     def arch_json(self) -> str:

@@ -5,6 +5,7 @@ they say; the whole pipeline runs on a tiny pair and reports every figure."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -121,12 +122,60 @@ def test_tiers_are_nested_prefix_blocks():
         cut = tier_slice(full, shapes)
         assert all(torch.equal(cut[n], full[n][covered_index(keep[n])]) for n in cut)
         previous = {n: keep_coordinates(keep[n], full_shapes[n]) for n in keep}
-    # fixed sizes stay whole in every tier: image channels, P, D_B
+    # fixed sizes stay whole in every tier: image channels and P; the fused coordinates (D_B) and
+    # the adapter's edge features (D_E) are cut with the tier
     smallest = tier_shapes(arch, WIDTHS[-1])
+    cut = lambda n: math.ceil(WIDTHS[-1] * n)  # noqa: E731
     assert smallest["delta.features.0.weight"][1] == 3
-    assert smallest["resizer.0.weight"][1] == arch.edge_pool_dim + math.ceil(WIDTHS[-1] * arch.delta_dim)
-    assert smallest["resizer.2.weight"][0] == arch.feature_dim
-    assert smallest["adapter.weight"] == full_shapes["adapter.weight"]
+    assert smallest["resizer.0.weight"][1] == arch.edge_pool_dim + cut(arch.delta_dim)
+    assert smallest["resizer.2.weight"] == (cut(arch.feature_dim), cut(arch.resizer_hidden))
+    assert smallest["adapter.weight"] == (cut(arch.feature_dim), cut(arch.edge_feat_dim))
+
+
+def test_a_tier_equals_the_full_model_with_the_coordinates_outside_its_prefix_zeroed():
+    """HeteroFL's definition of a sub-model, checked by hand: zero every trainable coordinate of the
+    full model outside the tier's blocks, and the fused vector of the full model is the tier's."""
+    model = tiny_fused(seed=2)
+    x = torch.randn(3, 3, 16, 16)
+    full = model.trainable_state()
+    for width in WIDTHS[1:]:
+        shapes = tier_shapes(model.arch, width)
+        zeroed = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, t in zeroed.trainable_state().items():
+                block = tuple(slice(0, s) for s in shapes[name])
+                kept = t[block].clone()
+                t.zero_()
+                t[block] = kept
+            expected = zeroed.branches(x).fused
+            tier = tier_model(model, width)
+            got = tier.branches(x).fused
+        k = tier.arch.out_dim
+        assert got.shape == (3, model.arch.feature_dim) and k < model.arch.feature_dim
+        assert torch.all(got[:, k:] == 0)
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert tier(x).shape == (3, 10) and torch.isfinite(tier(x)).all()
+    assert set(full) == set(tier.trainable_state())
+
+
+def test_tier_parameters_fall_with_the_square_of_the_width():
+    """Every part a client trains is cut, so on the shipped DELTA's sizes (subgraph convs to 34
+    channels, SE 8, d 32, H 64, P 128, D_E 220, D_B 256: about 115k parameters, half of them the
+    adapter) the smallest tier (1/(2 sqrt 2)) holds at most 20% of the full DELTA's parameters and
+    every tier about width**2 of them. On the tiny test DELTA, rounding up and the whole P keep the
+    shares higher, but they still fall tier by tier."""
+    shipped = DeltaArch(num_classes=10, in_channels=3, image_size=32, convs=(32, 48, 34), pools=(True, True, True),
+                        se_hidden=8, delta_dim=32, resizer_hidden=64, edge_pool_dim=128, edge_feat_dim=220,
+                        feature_dim=256, edge=("cnn_small", ()))
+    full = delta_params(shipped)
+    assert 110_000 < full < 120_000
+    shares = [delta_params(shipped.scaled(w)) / full for w in WIDTHS[1:]]
+    assert shares[-1] <= 0.20, shares
+    for width, share in zip(WIDTHS[1:], shares):
+        assert width ** 2 <= share <= width ** 2 + 0.05, (width, share)
+    tiny = tiny_fused().arch
+    tiny_shares = [delta_params(tiny.scaled(w)) for w in WIDTHS]
+    assert tiny_shares == sorted(tiny_shares, reverse=True) and len(set(tiny_shares)) == len(WIDTHS)
 
 
 def covered_index(masks):

@@ -14,9 +14,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from clients.delta_trainer import delta, delta_evaluate
 from clients.dense import ClientData
 from clients.trainer import TRAINER, ClientEnv
-from fl.delta.network import FusedDelta, delta_params, tier_shapes
-from fl.delta.slices import (FROZEN_STATE, WIDTH, WITH_FROZEN, download_layout, is_frozen, is_trainable,
-                             upload_layout)
+from fl.delta.network import DeltaArch, FusedDelta, delta_params, tier_shapes
+from fl.delta.slices import (FROZEN_STATE, WIDTH, WITH_FROZEN, blocks_for, download_layout, is_frozen,
+                             is_trainable, upload_layout)
 from fl.directory import NodeDirectory
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, DELTA_TIER, EPOCHS, LR, METRICS, NUM_EXAMPLES, PARTITION_ID
@@ -102,6 +102,22 @@ def test_upload_is_exactly_the_tiers_slice(width):
     expected = SLICE.encode_slices({n: torch.zeros(shapes[n]) for n in reference}, keep)
     assert reply.count_bytes() == expected.count_bytes()
     assert metrics[NUM_EXAMPLES] < len(_env().data)  # a held-out split stays home
+
+
+def test_the_smallest_tier_uploads_at_most_a_fifth_of_the_full_tiers_bytes():
+    """On the shipped DELTA's sizes (about 115k parameters, half of them the adapter), the serialized
+    upload of every tier (values + channel bitmap, as the client sends it) falls tier by tier, and
+    the width-0.354 tier's is at most 20% of the full tier's."""
+    arch = DeltaArch(num_classes=10, in_channels=3, image_size=32, convs=(32, 48, 34), pools=(True, True, True),
+                     se_hidden=8, delta_dim=32, resizer_hidden=64, edge_pool_dim=128, edge_feat_dim=220,
+                     feature_dim=256, edge=("cnn_small", ()))
+    full = FusedDelta(arch).state_dict()
+    sent = []
+    for width in DEFAULT_TIERS:
+        reference, keep = upload_layout(full, arch.to_json(), width, with_edge=False)
+        sent.append(SLICE.encode_slices(blocks_for(full, reference, keep), keep).count_bytes())
+    assert sent == sorted(sent, reverse=True) and len(set(sent)) == len(sent)
+    assert sent[-1] <= 0.20 * sent[0], [round(b / sent[0], 3) for b in sent]
 
 
 def test_the_client_trains_only_the_delta():

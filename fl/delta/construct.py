@@ -39,6 +39,9 @@ from fl.results import atomic_save, atomic_write_text
 log = logging.getLogger("fl.delta")
 
 DEFAULT_TIERS = (1.0, 1 / math.sqrt(2), 0.5, 1 / (2 * math.sqrt(2)))
+# What a width tier cuts (``fl.delta.network``); part of the cache key, so that a DELTA trained for
+# another tier layout (slimmable training trains the tiers themselves) is built anew.
+TIER_LAYOUT = "hidden+fused+edge-in"
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class ConstructionSpec:
             raise ConfigError("model.construction", str(exc)) from None
 
     def key(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "tier_layout": TIER_LAYOUT}
 
 
 @dataclass
@@ -111,9 +114,12 @@ def ensure_delta(pair_spec: PairSpec, spec: ConstructionSpec, cache_dir: str, *,
     directory = pair.directory / f"delta-{digest(spec.key())}"
     files = [directory / name for name in ("fused.pt", "arch.json", "report.json")]
     if all(f.exists() for f in files):
-        return Constructed(DeltaArch.from_json(files[1].read_text()),
-                           torch.load(files[0], map_location="cpu", weights_only=True),
-                           json.loads(files[2].read_text()), directory)
+        log.info("using the cached DELTA in %s", directory)
+        built = Constructed(DeltaArch.from_json(files[1].read_text()),
+                            torch.load(files[0], map_location="cpu", weights_only=True),
+                            json.loads(files[2].read_text()), directory)
+        log_summary(built.report)
+        return built
     directory.mkdir(parents=True, exist_ok=True)
     before = torch.get_num_threads()
     if threads:
@@ -126,7 +132,21 @@ def ensure_delta(pair_spec: PairSpec, spec: ConstructionSpec, cache_dir: str, *,
     atomic_save(fused.state_dict(), files[0])
     atomic_write_text(files[1], fused.arch.to_json())
     atomic_write_text(files[2], json.dumps(report, indent=2))
+    log.info("DELTA built and cached in %s", directory)
+    log_summary(report)
     return Constructed(fused.arch, fused.state_dict(), report, directory)
+
+
+def log_summary(report: Mapping[str, Any]) -> None:
+    """The figures a user checks before federated training starts (XDELTA's Table 5 quantities)."""
+    kd = report.get("kd_edge_accuracy")
+    log.info("DELTA: base %.4f, edge %.4f, edge+DELTA (fused) %.4f, gap to the base %.2f points, KD baseline %s; "
+             "DELTA %s parameters (P_D/B %.2f%%)", report["base_accuracy"], report["edge_accuracy"],
+             report["fused_accuracy"], 100 * report["gap_to_base"], "-" if kd is None else f"{kd:.4f}",
+             f"{report['params']['delta']:,}", 100 * report["P_D/B"])
+    for width, tier in report.get("tiers", {}).items():
+        log.info("  tier width %s: fused accuracy %.4f, %s DELTA parameters", width, tier["accuracy"],
+                 f"{tier['params']:,}")
 
 
 def construct(pair: Pair, pair_spec: PairSpec, spec: ConstructionSpec,
@@ -288,7 +308,7 @@ def train_delta(fused: FusedDelta, base: nn.Module, x: Tensor, y: Tensor, settin
                 sums[k] = sums.get(k, 0.0) + v * len(batch)
         history.append({"epoch": epoch + 1, **{k: v / len(x) for k, v in sums.items()}})
         if (epoch + 1) % 5 == 0 or epoch + 1 == settings.epochs:
-            log.info("DELTA epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()
+            log.info("  DELTA epoch %d/%d: %s", epoch + 1, settings.epochs, ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()
                                                                 if k != "epoch"))
     fused.eval()
     return history
@@ -336,7 +356,8 @@ def distill(edge: nn.Module, base: nn.Module, x: Tensor, y: Tensor, kd: KDSettin
         soft = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
         return kd.alpha * t * t * soft + (1 - kd.alpha) * F.cross_entropy(logits, labels)
 
-    train_classifier(student, x, y, Recipe(epochs=kd.epochs, lr=kd.lr, shift=kd.shift), seed, loss_fn=loss_fn)
+    train_classifier(student, x, y, Recipe(epochs=kd.epochs, lr=kd.lr, shift=kd.shift), seed, loss_fn=loss_fn,
+                     label="KD student (edge distilled from base)")
     return student.eval()
 
 

@@ -297,7 +297,7 @@ def build_delta(pruned: nn.Module, blocks: list[Block], edge: nn.Module, edge_sp
 def finetune_pruned(pruned: nn.Module, x: Tensor, y: Tensor, recipe: Recipe, seed: int) -> None:
     """Step 4b: fine-tune the physically pruned base with cross-entropy."""
     if recipe.epochs > 0:
-        train_classifier(pruned, x, y, recipe, seed)
+        train_classifier(pruned, x, y, recipe, seed, label="pruned base (fine-tune)")
     pruned.eval()
 
 

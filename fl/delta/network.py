@@ -16,12 +16,24 @@ the *DELTA*: subgraph, SE, proj, resizer and adapter.
 
 The concat is stored as ``(edge_pool, delta_feat)`` rather than the paper's ``(delta_feat,
 edge_pool)`` (a permutation of the resizer's input columns, the same function) so that every
-trainable tensor of a narrower DELTA is a *prefix block* of the full one: a width-``r`` tier keeps
-``ceil(r * n)`` of every hidden size ``n`` (conv channels, SE hidden units, d, resizer hidden units)
-and all of the fixed sizes (image channels, P, D_E, D_B). ``DeltaArch.scaled(r)`` is that tier's
-architecture and ``tier_slice``/``tier_keep`` cut a full state to it (HeteroFL-style slicing, Diao
-et al., ICLR 2021). Channels are ordered by importance (``order_by_importance``) so that the prefix
-keeps the most important ones.
+trainable tensor of a narrower DELTA is a *prefix block* of the full one (HeteroFL-style slicing,
+Diao et al., ICLR 2021). A width-``r`` tier keeps ``ceil(r * n)`` of every size ``n`` the DELTA
+owns, so that what a client trains and sends falls with ``r**2``:
+
+* the hidden sizes: conv channels, SE hidden units, d, resizer hidden units H;
+* the fused coordinates: the resizer's and the adapter's outputs are the first ``k_B = ceil(r *
+  D_B)`` of the base's D_B feature coordinates, and the tier's fused vector is zero on the others
+  (a tier model equals the full model with the non-prefix coordinates zeroed, as in HeteroFL);
+  the frozen base classifier reads the whole D_B vector, so the fused forward is defined for
+  every tier;
+* the adapter's input: the first ``k_E = ceil(r * D_E)`` of E's features.
+
+What stays whole: image channels and P (E's pooled map, a small input of the resizer). The
+fused coordinates keep the base's own order (they are the MSE target of the construction) and
+E's features keep E's order (E is frozen and shared); the DELTA's own hidden units are ordered
+by importance (``order_by_importance``) so that a prefix keeps the most important ones.
+``DeltaArch.scaled(r)`` is a tier's architecture and ``tier_slice``/``tier_keep`` cut a full
+state to it.
 """
 
 from __future__ import annotations
@@ -60,6 +72,18 @@ class DeltaArch:
     edge: tuple[str, tuple[tuple[str, Any], ...]]  # E's zoo name and options
     adapter: str = "linear"  # "linear" or "identity" (needs D_E == D_B)
     width: float = 1.0  # the tier this architecture is cut to (1.0: the full DELTA)
+    fused_dim: int = 0  # k_B: the fused coordinates a tier computes (0: all D_B)
+    edge_in_dim: int = 0  # k_E: E's features a tier's adapter reads (0: all D_E)
+
+    @property
+    def out_dim(self) -> int:
+        """The fused coordinates this architecture computes (the rest of D_B are zero)."""
+        return self.fused_dim or self.feature_dim
+
+    @property
+    def edge_in(self) -> int:
+        """E's features the adapter reads (a prefix of D_E)."""
+        return self.edge_in_dim or self.edge_feat_dim
 
     def __post_init__(self):
         if len(self.convs) != len(self.pools) or not self.convs:
@@ -68,16 +92,21 @@ class DeltaArch:
             raise ValueError(f"adapter must be 'linear' or 'identity', got {self.adapter!r}")
         if self.adapter == "identity" and self.edge_feat_dim != self.feature_dim:
             raise ValueError(f"an identity adapter needs D_E == D_B, got {self.edge_feat_dim} and {self.feature_dim}")
+        if not (0 <= self.fused_dim <= self.feature_dim and 0 <= self.edge_in_dim <= self.edge_feat_dim):
+            raise ValueError(f"a tier computes at most D_B = {self.feature_dim} fused coordinates from at most "
+                             f"D_E = {self.edge_feat_dim} edge features, got {self.fused_dim} and {self.edge_in_dim}")
 
     def scaled(self, width: float) -> "DeltaArch":
-        """The width-``width`` tier: ``ceil(width * n)`` of every hidden size (of the full DELTA)."""
+        """The width-``width`` tier: ``ceil(width * n)`` of every size the DELTA owns (hidden sizes,
+        fused coordinates, the adapter's edge features), of the full DELTA."""
         if self.width != 1.0:
             raise ValueError("scale the full architecture, not a tier")
         if not 0.0 < width <= 1.0:
             raise ValueError(f"tier width must be in (0, 1], got {width}")
         cut = lambda n: max(1, math.ceil(width * n - 1e-9))  # noqa: E731
         return replace(self, convs=tuple(cut(c) for c in self.convs), se_hidden=cut(self.se_hidden),
-                       delta_dim=cut(self.delta_dim), resizer_hidden=cut(self.resizer_hidden), width=float(width))
+                       delta_dim=cut(self.delta_dim), resizer_hidden=cut(self.resizer_hidden), width=float(width),
+                       fused_dim=cut(self.feature_dim), edge_in_dim=cut(self.edge_feat_dim))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -149,11 +178,11 @@ class DeltaNet(nn.Module):
 
 def make_resizer(arch: DeltaArch) -> nn.Sequential:
     return nn.Sequential(nn.Linear(arch.edge_pool_dim + arch.delta_dim, arch.resizer_hidden), nn.ReLU(inplace=True),
-                         nn.Linear(arch.resizer_hidden, arch.feature_dim))
+                         nn.Linear(arch.resizer_hidden, arch.out_dim))
 
 
 def make_adapter(arch: DeltaArch) -> nn.Module:
-    return nn.Linear(arch.edge_feat_dim, arch.feature_dim) if arch.adapter == "linear" else nn.Identity()
+    return nn.Linear(arch.edge_in, arch.out_dim) if arch.adapter == "linear" else nn.Identity()
 
 
 def trainable_modules(arch: DeltaArch) -> nn.ModuleDict:
@@ -165,9 +194,9 @@ class Branches(NamedTuple):
     delta_feat: Tensor  # [B, d]
     edge_pool: Tensor  # [B, P]
     edge_feat: Tensor  # [B, D_E]
-    delta_out: Tensor  # R = resizer(concat(edge_pool, delta_feat)), [B, D_B]
-    edge_out: Tensor  # A = adapter(edge_feat), [B, D_B]
-    fused: Tensor  # (R + A) / 2, [B, D_B]
+    delta_out: Tensor  # R = resizer(concat(edge_pool, delta_feat)), [B, k_B] (k_B = D_B at full width)
+    edge_out: Tensor  # A = adapter(edge_feat[:, :k_E]), [B, k_B]
+    fused: Tensor  # (R + A) / 2 on the first k_B coordinates, 0 on the others, [B, D_B]
 
 
 class FusedDelta(ZooModel):
@@ -227,9 +256,15 @@ class FusedDelta(ZooModel):
 
 
 def fuse(model: FusedDelta, delta_feat: Tensor, edge_pool: Tensor, edge_feat: Tensor) -> Branches:
+    """The fused vector from the DELTA's features and E's (whole) outputs; a tier reads the first
+    k_E of E's features and fills the first k_B of the D_B coordinates."""
+    arch = model.arch
     delta_out = model.resizer(torch.cat([edge_pool, delta_feat], dim=1))
-    edge_out = model.adapter(edge_feat)
-    return Branches(delta_feat, edge_pool, edge_feat, delta_out, edge_out, (delta_out + edge_out) / 2)
+    edge_out = model.adapter(edge_feat[:, :arch.edge_in] if arch.adapter == "linear" else edge_feat[:, :arch.out_dim])
+    fused = (delta_out + edge_out) / 2
+    if arch.out_dim < arch.feature_dim:
+        fused = F.pad(fused, (0, arch.feature_dim - arch.out_dim))
+    return Branches(delta_feat, edge_pool, edge_feat, delta_out, edge_out, fused)
 
 
 # -- parameter and MAC counts ----------------------------------------------------------------------
@@ -248,9 +283,9 @@ def delta_macs(arch: DeltaArch) -> int:
         previous = channels
     macs += 2 * previous * arch.se_hidden + previous * side * side  # SE: fc1, fc2, rescale
     macs += previous * arch.delta_dim
-    macs += (arch.edge_pool_dim + arch.delta_dim) * arch.resizer_hidden + arch.resizer_hidden * arch.feature_dim
+    macs += (arch.edge_pool_dim + arch.delta_dim) * arch.resizer_hidden + arch.resizer_hidden * arch.out_dim
     if arch.adapter == "linear":
-        macs += arch.edge_feat_dim * arch.feature_dim
+        macs += arch.edge_in * arch.out_dim
     return macs
 
 

@@ -142,10 +142,10 @@ def tensors(images, limit: int | None = None) -> tuple[torch.Tensor, torch.Tenso
 # -- training ------------------------------------------------------------------------------------------
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int,
-                     loss_fn=None) -> None:
+                     loss_fn=None, *, label: str = "model") -> None:
     """``bench/capacity_gap.py``'s recipe; ``loss_fn(logits, images, index, y)`` replaces CE (KD):
     ``images`` is the batch as the model saw it (translated with ``recipe.shift``), ``index`` its
-    rows of ``x``."""
+    rows of ``x``. ``label`` names the model in the epoch lines of the log."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     steps = recipe.epochs * ((len(x) + recipe.batch_size - 1) // recipe.batch_size)
@@ -167,7 +167,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
             schedule.step()
             total += loss.item() * len(batch)
         if (epoch + 1) % 5 == 0 or epoch + 1 == recipe.epochs:
-            log.info("  epoch %d/%d: training loss %.4f", epoch + 1, recipe.epochs, total / len(x))
+            log.info("  %s epoch %d/%d: training loss %.4f", label, epoch + 1, recipe.epochs, total / len(x))
 
 
 def translate(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -229,7 +229,10 @@ def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | 
         for role, model in models.items():
             model.load_state_dict(torch.load(directory / f"{role}.pt", map_location="cpu", weights_only=True))
             model.eval()
-        return Pair(models["base"], models["edge"], directory, json.loads(report_path.read_text()))
+        report = json.loads(report_path.read_text())
+        log.info("using the cached pair in %s (base %.4f, edge %.4f test accuracy)", directory,
+                 report["base"]["test_accuracy"], report["edge"]["test_accuracy"])
+        return Pair(models["base"], models["edge"], directory, report)
     directory.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"spec": pair.key(), "server_samples": len(train), "test_samples": len(test)}
     with _threads(threads), torch.random.fork_rng():
@@ -243,7 +246,7 @@ def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | 
             started = time.perf_counter()
             log.info("training the %s (%s) on %d server images for %d epochs", role, dict(pair.base if role == "base"
                      else pair.edge), len(x), recipe.epochs)
-            train_classifier(model, x, y, recipe, pair.seed)
+            train_classifier(model, x, y, recipe, pair.seed, label=role)
             model.eval()
             report[role] = {"test_accuracy": accuracy(predict(model, x_test), y_test),
                             "seconds": round(time.perf_counter() - started, 1)}
