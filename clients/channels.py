@@ -14,9 +14,12 @@ BatchNorm entries, residual partners. Nothing here re-derives that coupling:
   in which every entry holds its own flat index ("index tagging") and reads the survivors, so the
   slices on the wire are exactly what torch-pruning removed, for any architecture it supports.
 * ``ChannelPruner.next_masks(model, masks, step, target)`` is Hermes's pruning step: per group,
-  ``step`` of the remaining channels with the lowest L2 filter norm (torch-pruning's
-  ``MagnitudeImportance(p=2, group_reduction="first")``: the root layer's own filters, as in Li et
-  al., "Pruning Filters for Efficient ConvNets", ICLR 2017), never past ``target`` of the layer.
+  ``step`` of the remaining channels with the lowest L1 filter norm ``sum_j |w_ij|`` over the root
+  layer's own filter i (torch-pruning's ``MagnitudeImportance(p=1, group_reduction="first")``),
+  never past ``target`` of the layer. Hermes prunes channels by the weight magnitude criterion of
+  Li et al., "Pruning Filters for Efficient ConvNets" (ICLR 2017, Section 3.1: the sum of absolute
+  kernel weights), layer by layer, as do public re-implementations of Hermes
+  (``torch.nn.utils.prune.ln_structured(n=1, dim=0)``).
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ class ChannelPruner:
                    graph: tp.DependencyGraph | None = None) -> ChannelMasks:
         """One Hermes pruning step on ``model`` (pruned to ``masks``), as new dense-index masks."""
         graph = graph or self._graph(model, self.example)
-        importance = tp.importance.MagnitudeImportance(p=2, group_reduction="first", normalizer=None)
+        importance = tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None)
         out: ChannelMasks = {}
         for name, mask in masks.items():
             kept = int(mask.sum())

@@ -10,7 +10,8 @@ One round on client k, holding the channel mask m_k (only ever shrinks):
     3. local accuracy on its held-out split (``fl.data.client_split``, ``val_fraction``)
     4. if local accuracy >= the threshold and some layer is below the target: prune ``step`` of
        each conv/linear layer's remaining output channels (classifier excepted) with the lowest
-       L2 filter norm, with the coupled input slices and BatchNorm entries (m_k shrinks)
+       L1 filter norm (Li et al., ICLR 2017), with the coupled input slices and BatchNorm entries
+       (m_k shrinks)
     5. upload the trained values on the new m_k + its channel bitmap, the local accuracy, the
        pruned fraction and the training-split size (the aggregation weight)
 

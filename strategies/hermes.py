@@ -10,8 +10,9 @@ sub-network, and only those sub-networks travel; the server averages overlapping
     train:        (clients.hermes_trainer) train the physically pruned sub-network; measure the
                   local accuracy on the client's held-out split; when it reaches
                   ``accuracy_threshold`` and a layer is below ``target_pruned``, prune
-                  ``prune_step`` of each conv/linear layer's remaining channels by lowest L2
-                  filter norm (m_k shrinks); upload the values on the new m_k + its bitmap
+                  ``prune_step`` of each conv/linear layer's remaining channels by lowest L1
+                  filter norm, Li et al. 2017's criterion (m_k shrinks); upload the values on
+                  the new m_k + its bitmap
     aggregate:    per coordinate i, with H_i the participants whose mask holds i and n_k the
                   size of client k's training split (sample weighting):
                     count:  w_i <- sum_{k in H_i} n_k w_k,i / sum_{k in H_i} n_k   if H_i is not empty

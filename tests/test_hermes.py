@@ -132,6 +132,33 @@ def test_pruned_model_is_the_masked_dense_model(name):
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in dense.parameters())
 
 
+def test_a_pruning_step_removes_the_lowest_l1_filter_norms_computed_by_hand():
+    """Hermes's criterion (Li et al., ICLR 2017): per layer, the channels whose filters have the
+    smallest sum of absolute weights go. Heavy-tailed weights make the L2 ranking differ, so the
+    test tells the two criteria apart."""
+    model = _tiny_cnn()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) ** 3)
+    pruner = ChannelPruner(model, torch.zeros(1, 3, 32, 32))
+    full = pruner.full_masks()
+    step, target = 0.25, 0.5
+    masks = pruner.next_masks(model, full, step, target)
+    differs = 0
+    for name, mask in masks.items():
+        filters = model.get_submodule(name).weight.detach().flatten(1)
+        amount = prune_count(mask.numel(), mask.numel(), step, target)
+        l1 = [sum(abs(float(w)) for w in row) for row in filters]  # by hand, row by row
+        expected = set(sorted(range(len(l1)), key=lambda i: (l1[i], i))[:amount])
+        assert set((~mask).nonzero().reshape(-1).tolist()) == expected, name
+        l2 = filters.norm(dim=1)
+        differs += set(torch.argsort(l2, stable=True)[:amount].tolist()) != expected
+    assert set(masks) == {"features.0", "features.3", "features.6", "fc"}
+    assert differs >= 1  # the L2 filter norm would have pruned other channels here
+
+
 def test_prune_count_never_passes_the_target():
     for channels in range(2, 70):
         for target in (0.0, 0.3, 0.5, 0.9):
