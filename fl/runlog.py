@@ -9,7 +9,9 @@ TensorBoard series:
     acc_vs_kib/total, acc_vs_kib/up                   step = cumulative KiB (total, upload only)
     acc_vs_sim_time/accuracy                          step = cumulative simulated seconds (with a clock)
 so that accuracy curves of different strategies overlay on one chart by communication cost.
-Plugins' reports land under ``plugin/<name>/``.
+Plugins' reports land under ``plugin/<name>/``; each image of a report is also written as a PNG
+file, ``images/<plugin>/<key>_round<step>.png`` in the run directory (``/`` in a key becomes
+``-``), with or without TensorBoard.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fl.hooks import Report
 from fl.results import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+IMAGES_DIR = "images"
 
 
 class RunLogger:
@@ -93,12 +96,27 @@ class RunLogger:
             if Path(name).name != name:
                 raise ValueError(f"plugin {plugin}: a report file is a plain name in the run directory, got {name!r}")
             atomic_write_text(self.run_dir / name, text)
+        if report.images:
+            self._write_pngs(plugin, report.images, step)
         return scalars
+
+    def _write_pngs(self, plugin: str, images: Mapping[str, np.ndarray], step: int) -> None:
+        from fl.figures import write_png  # matplotlib and Pillow load only for a run that draws
+
+        for key, image in images.items():
+            path = image_path(self.run_dir, plugin, key, step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_png(image, path)
 
     def close(self) -> None:
         self._metrics.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def image_path(run_dir: str | os.PathLike, plugin: str, key: str, step: int) -> Path:
+    """Where ``log_report`` writes a plugin's image ``key`` of round ``step`` as a PNG file."""
+    return Path(run_dir) / IMAGES_DIR / plugin / f"{key.replace('/', '-')}_round{int(step):04d}.png"
 
 
 def truncate_metrics(run_dir: str | os.PathLike, last_round: int) -> None:

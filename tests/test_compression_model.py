@@ -160,3 +160,43 @@ def test_compression_plugin_in_a_run(tmp_path):
     assert first[p + "unstructured/nonzero"] < first[p + "dense/nonzero"]
     assert first[p + "quantized/size_bytes"] < first[p + "dense/size_bytes"]
     assert 0.0 <= first[p + "structured+quantized/accuracy"] <= 1.0
+
+
+def test_plugin_draws_accuracy_against_size_and_macs_and_writes_the_table(tmp_path):
+    import csv
+    import io
+
+    from PIL import Image
+
+    from fl.runlog import RunLogger, image_path
+    from plugins.compression.plugin import CSV_FILE, TABLE_FILE, tradeoff_series
+    from tests.test_figures import assert_picture
+
+    run = _run_view(test_size=60)
+    plugin = ModelCompression(quantization="dynamic", sweep=[0.25, 0.5, 0.75])
+    rows = plugin.compare(run, ArrayRecord(_model(seed=1).state_dict()))
+    names = [r.technique for r in rows]
+    assert names == ["dense", "structured", "unstructured", "quantized", "structured+quantized", "structured 25%",
+                     "unstructured 25%", "structured 75%", "unstructured 75%"]  # 50% is the main row
+    series = tradeoff_series(rows)
+    assert [len(series[k]) for k in ("dense", "structured", "unstructured")] == [1, 3, 3]
+    assert sorted(p.label for p in series["structured"]) == ["25%", "50%", "75%"]
+    structured = sorted(series["structured"], key=lambda p: p.label)
+    assert structured[0].macs > structured[1].macs > structured[2].macs  # more pruned, fewer MACs
+    report = plugin.report(rows)
+    assert report.scalars["structured_25pct/macs"] == structured[0].macs
+    logger = RunLogger(tmp_path)
+    logger.log_report("compression", report, 2)
+    logger.close()
+    assert_picture(image_path(tmp_path, "compression", "tradeoff", 2).read_bytes())
+    table_rows = list(csv.DictReader(io.StringIO((tmp_path / CSV_FILE).read_text())))
+    assert [r["technique"] for r in table_rows] == names
+    assert float(table_rows[0]["accuracy"]) == pytest.approx(rows[0].accuracy, abs=1e-6)
+    assert (tmp_path / TABLE_FILE).read_text().splitlines()[2].startswith("| dense |")
+    assert Image.open(image_path(tmp_path, "compression", "tradeoff", 2)).size[0] > 600
+
+
+@pytest.mark.parametrize("key, value", [("sweep", [0.5, 1.0]), ("structured_ratio", -0.1), ("unstructured_amount", 1.0)])
+def test_plugin_refuses_ratios_outside_0_1(key, value):
+    with pytest.raises(ValueError, match=f"compression.{key} must be in \\[0, 1\\)"):
+        ModelCompression(**{key: value})

@@ -156,3 +156,60 @@ def test_misclassified_samples_have_larger_angle_and_smaller_length():
     assert stats["wrong/angle_mean"] > stats["correct/angle_mean"]
     assert stats["wrong/length_mean"] < stats["correct/length_mean"]
     assert stats["correct/margin_mean"] > 0 > stats["wrong/margin_mean"]
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+def test_the_scatter_draws_one_point_per_evaluated_sample():
+    from plugins.geometry.views import class_views
+    from tests.test_figures import assert_picture
+
+    model = TinyNet()
+    x, y = _data(n=150)
+    geo = measure(model, _batches(x, y, 40))
+    images, drawn = class_views({"model": geo}, [f"c{c}" for c in range(5)], 10, "model")
+    assert drawn == len(geo) == 150
+    assert set(images) == {"angle_length", "margin"}
+    for image in images.values():
+        assert_picture(image)
+    _, drawn = class_views({"model": geo}, [f"c{c}" for c in range(5)], 2, "model")
+    assert drawn == int((geo.labels < 2).sum())  # max_classes: the first two classes only
+
+
+def test_plugin_figures_in_tensorboard_and_the_run_directory(tmp_path):
+    """plugins=[geometry,compression] with a followed client: the global views every round, the
+    client's shift, and the dense-vs-compressed views at the last round; TensorBoard image tags
+    and PNG files that decode, and a scatter with one point per evaluated sample."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+    from fl.runlog import image_path
+    from tests.helpers import run_inprocess
+    from tests.test_figures import assert_picture
+
+    summary, run_dir = run_inprocess(tmp_path, [
+        "plugins=[geometry,compression]", "plugins.geometry.samples=48", "plugins.geometry.clients=[1]",
+        "plugins.compression.quantization=none", "plugins.compression.sweep=[]", "tensorboard=true"])
+    assert summary["status"] == "complete"
+    events = EventAccumulator(str(run_dir), size_guidance={IMAGES: 0, SCALARS: 0}).Reload()
+    p = "plugin/geometry/"
+    steps = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    assert steps[p + "global/angle_length"] == steps[p + "global/margin"] == [0, 1, 2]
+    assert steps[p + "client1/shift"] == [1, 2]
+    assert steps[p + "compressed/angle_length"] == steps[p + "compressed/margin"] == [2]  # the compression's round
+    assert steps["plugin/compression/tradeoff"] == [2]
+    for tag, tag_steps in steps.items():
+        plugin, key = tag.split("/", 2)[1:]
+        for step in tag_steps:
+            assert_picture(image_path(run_dir, plugin, key, step).read_bytes())
+    drawn = [e.value for e in events.Scalars(p + "global/scatter_points")]
+    assert drawn == [e.value for e in events.Scalars(p + "global/count")] == [48.0, 48.0, 48.0]
+
+
+def test_plugin_figure_options_are_checked():
+    from plugins.geometry import GeometryMonitor
+
+    with pytest.raises(ValueError, match="geometry.max_classes must be >= 1"):
+        GeometryMonitor(max_classes=0)
+    with pytest.raises(ValueError, match="geometry.compression .*compression.structured_ratio must be in"):
+        GeometryMonitor(compression={"_target_": "plugins.compression.ModelCompression", "structured_ratio": 2})
+    assert GeometryMonitor(figures=False).compression is None

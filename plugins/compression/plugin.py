@@ -25,14 +25,23 @@ Fine-tuning after pruning (``finetune_epochs > 0``) and static-quantization cali
 seeded sample of the simulated federation's training images: a simulation convenience; on a
 real deployment the same functions would run where data is.
 
-The report: a markdown table (TensorBoard text ``plugin/compression/table``) and one scalar per
-cell (``<technique>/accuracy``, ``/size_bytes``, ``/params``, ``/nonzero``, ``/macs``).
+``sweep`` adds rows at more pruning ratios (``structured 25%``, ``unstructured 75%``, ...) so the
+trade-off figure has a curve per pruning technique, not one point.
+
+The report: a markdown table (TensorBoard text ``plugin/compression/table``), one scalar per cell
+(``<technique>/accuracy``, ``/size_bytes``, ``/params``, ``/nonzero``, ``/macs``; ``structured 25%``
+logs as ``structured_25pct``), the figure of accuracy against serialized size and against MACs
+(``plugin/compression/tradeoff``, drawn by ``fl.figures.accuracy_tradeoff``; also a PNG under
+``images/compression/`` in the run directory), and the table as files in the run directory
+(``compression_table.md``, ``compression_table.csv``; the latest compression's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+import csv
+import io
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +49,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from clients.dense import ClientData, TrainHyper, evaluate, train_dense
+from fl import figures
 from fl.hooks import Plugin, Report, RunView, register_plugin
 from fl.models import model_profile
 from plugins.compression.techniques import (QUANTIZATIONS, count_params, fp16_state, load_pruned, quantize,
@@ -58,6 +68,7 @@ class Row:
     nonzero: int
     macs: int
     note: str = ""
+    ratio: float | None = None  # the pruning ratio of a pruned row
 
 
 @register_plugin("compression")
@@ -68,9 +79,13 @@ class ModelCompression(Plugin):
                  quantization: str = "static", backend: str = "x86", combine: bool = True,
                  finetune_epochs: int = 0, finetune_samples: int = 1000, finetune_lr: float = 0.01,
                  batch_size: int = 32, calibration_samples: int = 256, eval_samples: int = 0, every: int = 0,
-                 seed: int = 0):
+                 sweep: Sequence[float] = (), seed: int = 0):
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"compression.quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        for key, value in (("structured_ratio", structured_ratio), ("unstructured_amount", unstructured_amount),
+                           *(("sweep", r) for r in sweep)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"compression.{key} must be in [0, 1), got {value}")
         self.structured, self.structured_ratio = bool(structured), float(structured_ratio)
         self.global_pruning, self.layer_ratios = bool(global_pruning), dict(layer_ratios or {})
         self.round_to = None if round_to is None else int(round_to)
@@ -80,6 +95,7 @@ class ModelCompression(Plugin):
         self.finetune = TrainHyper(epochs=int(finetune_epochs), batch_size=int(batch_size), lr=float(finetune_lr))
         self.finetune_samples, self.calibration_samples = int(finetune_samples), int(calibration_samples)
         self.eval_samples, self.every, self.seed = int(eval_samples), int(every), int(seed)
+        self.sweep = sorted({float(r) for r in sweep})
         self._latest: ArrayRecord | None = None
 
     # -- hooks -------------------------------------------------------------------------------
@@ -96,53 +112,98 @@ class ModelCompression(Plugin):
     # -- the comparison ----------------------------------------------------------------------
 
     def compare(self, run: RunView, arrays: ArrayRecord) -> list[Row]:
-        """Compress the model held in ``arrays`` with every enabled technique; one row each."""
+        """Compress the model held in ``arrays`` with every enabled technique; one row each (the
+        ``sweep`` ratios last)."""
         federation = run.federation
         model = run.load_global(arrays).eval()
-        example = torch.zeros(1, federation.channels, federation.image_size, federation.image_size)
         test = self._test_data(run)
         profile = dict(in_channels=federation.channels, image_size=federation.image_size)
         dense_profile = model_profile(model, **profile)
         rows = [self._row("dense", model, test, serialized_size(model.state_dict()), dense_profile["macs"])]
         pruned = None
         if self.structured:
-            pruned = structured_prune(model, example, self.structured_ratio, global_pruning=self.global_pruning,
-                                      layer_ratios=self.layer_ratios, round_to=self.round_to)
-            if self.finetune.epochs > 0:
-                self._finetune(run, pruned)
-            saved = save_pruned(pruned)
-            pruned = load_pruned(saved, run.build_model()).eval()
-            scope = "global" if self.global_pruning else "per-layer"
+            pruned, saved = self._structured(run, model, self.structured_ratio)
             pruned_macs = model_profile(pruned, **profile)["macs"]
             rows.append(self._row("structured", pruned, test, len(saved), pruned_macs,
-                                  f"{self.structured_ratio:.0%} of channels, {scope}, L2 filter norm"
-                                  + self._ft_note()))
+                                  self._structured_note(self.structured_ratio), ratio=self.structured_ratio))
         if self.unstructured:
-            finetune = (lambda m: self._finetune(run, m)) if self.finetune.epochs > 0 else None
-            sparse = unstructured_prune(model, self.unstructured_amount, scope=self.unstructured_scope,
-                                        finetune=finetune).eval()
+            sparse = self._unstructured(run, model, self.unstructured_amount)
             rows.append(self._row("unstructured", sparse, test, serialized_size(sparse.state_dict()),
-                                  dense_profile["macs"], f"{self.unstructured_amount:.0%} of weights zeroed, "
-                                  f"{self.unstructured_scope}; dense storage" + self._ft_note()))
+                                  dense_profile["macs"], self._unstructured_note(self.unstructured_amount),
+                                  ratio=self.unstructured_amount))
         if self.quantization != "none":
             rows.append(self._quantized_row("quantized", model, run, test, dense_profile["macs"]))
             if self.combine and pruned is not None:
                 rows.append(self._quantized_row("structured+quantized", pruned, run, test, pruned_macs))
+        for ratio in self.sweep:
+            if self.structured and ratio != self.structured_ratio:
+                swept, saved = self._structured(run, model, ratio)
+                rows.append(self._row(f"structured {ratio:.0%}", swept, test, len(saved),
+                                      model_profile(swept, **profile)["macs"], self._structured_note(ratio),
+                                      ratio=ratio))
+            if self.unstructured and ratio != self.unstructured_amount:
+                swept = self._unstructured(run, model, ratio)
+                rows.append(self._row(f"unstructured {ratio:.0%}", swept, test, serialized_size(swept.state_dict()),
+                                      dense_profile["macs"], self._unstructured_note(ratio), ratio=ratio))
         return rows
+
+    def float_models(self, run: RunView, arrays: ArrayRecord) -> dict[str, nn.Module]:
+        """The compressed models that stay float (pruned at the main ratios; fp16-rounded when that
+        is the quantization), by a display name: what another plugin can measure like the original
+        (the geometry plugin's side-by-side views). Integer-quantized models are left out."""
+        model = run.load_global(arrays).eval()
+        out = {}
+        if self.structured:
+            out[f"structured {self.structured_ratio:.0%}"] = self._structured(run, model, self.structured_ratio)[0]
+        if self.unstructured:
+            out[f"unstructured {self.unstructured_amount:.0%}"] = self._unstructured(run, model,
+                                                                                     self.unstructured_amount)
+        if self.quantization == "fp16":
+            out["fp16"] = quantize(model, "fp16")
+        return out
+
+    def runs_at(self, server_round: int, num_rounds: int) -> bool:
+        """Whether this plugin compresses the global model of ``server_round`` (every k rounds, and the last)."""
+        return server_round == num_rounds or (self.every > 0 and server_round % self.every == 0)
 
     def report(self, rows: list[Row]) -> Report:
         scalars = {}
         for row in rows:
             for field in ("accuracy", "size_bytes", "params", "nonzero", "macs"):
-                scalars[f"{row.technique}/{field}"] = float(getattr(row, field))
-        return Report(scalars=scalars, text={"table": table(rows)})
+                scalars[f"{tag(row.technique)}/{field}"] = float(getattr(row, field))
+        markdown = table(rows)
+        figure = figures.accuracy_tradeoff(tradeoff_series(rows), title="compression of the global model")
+        return Report(scalars=scalars, text={"table": markdown}, images={"tradeoff": figures.to_rgb(figure)},
+                      files={TABLE_FILE: markdown + "\n", CSV_FILE: table_csv(rows)})
 
     # -- pieces ------------------------------------------------------------------------------
 
     def _row(self, technique: str, model: nn.Module, test: ClientData, size: int, macs: int, note: str = "",
-             counts: tuple[int, int] | None = None) -> Row:
+             counts: tuple[int, int] | None = None, ratio: float | None = None) -> Row:
         params, nonzero = counts or count_params(model)
-        return Row(technique, evaluate(model, test)["accuracy"], size, params, nonzero, macs, note)
+        return Row(technique, evaluate(model, test)["accuracy"], size, params, nonzero, macs, note, ratio)
+
+    def _structured(self, run: RunView, model: nn.Module, ratio: float) -> tuple[nn.Module, bytes]:
+        """The structurally pruned model as it is saved and reloaded (``tp.state_dict``), and its bytes."""
+        federation = run.federation
+        example = torch.zeros(1, federation.channels, federation.image_size, federation.image_size)
+        pruned = structured_prune(model, example, ratio, global_pruning=self.global_pruning,
+                                  layer_ratios=self.layer_ratios, round_to=self.round_to)
+        if self.finetune.epochs > 0:
+            self._finetune(run, pruned)
+        saved = save_pruned(pruned)
+        return load_pruned(saved, run.build_model()).eval(), saved
+
+    def _unstructured(self, run: RunView, model: nn.Module, amount: float) -> nn.Module:
+        finetune = (lambda m: self._finetune(run, m)) if self.finetune.epochs > 0 else None
+        return unstructured_prune(model, amount, scope=self.unstructured_scope, finetune=finetune).eval()
+
+    def _structured_note(self, ratio: float) -> str:
+        scope = "global" if self.global_pruning else "per-layer"
+        return f"{ratio:.0%} of channels, {scope}, L2 filter norm" + self._ft_note()
+
+    def _unstructured_note(self, amount: float) -> str:
+        return f"{amount:.0%} of weights zeroed, {self.unstructured_scope}; dense storage" + self._ft_note()
 
     def _quantized_row(self, technique: str, model: nn.Module, run: RunView, test: ClientData, macs: int) -> Row:
         counts = count_params(model)  # quantization keeps every parameter (see the module docstring)
@@ -181,6 +242,38 @@ class ModelCompression(Plugin):
 
     def _ft_note(self) -> str:
         return f", fine-tuned {self.finetune.epochs} ep" if self.finetune.epochs > 0 else ""
+
+
+TABLE_FILE, CSV_FILE = "compression_table.md", "compression_table.csv"  # in the run directory
+
+
+def tag(technique: str) -> str:
+    """A row's name in scalar tags: ``structured 25%`` -> ``structured_25pct``."""
+    return technique.replace("%", "pct").replace(" ", "_")
+
+
+def tradeoff_series(rows: list[Row]) -> dict[str, list[figures.TradeoffPoint]]:
+    """The figure's series: one per technique (``structured 25%`` joins ``structured``), each
+    point labelled with its pruning ratio."""
+    series: dict[str, list[figures.TradeoffPoint]] = {}
+    for row in rows:
+        name = row.technique.split(" ")[0]
+        if name.endswith("quantized") and row.note:
+            name = f"{name}, {row.note}"
+        label = "" if row.ratio is None else f"{row.ratio:.0%}"
+        series.setdefault(name, []).append(figures.TradeoffPoint(row.size_bytes, row.macs, row.accuracy, label))
+    return series
+
+
+def table_csv(rows: list[Row]) -> str:
+    """The rows as CSV (one header line, accuracy as a share, sizes in bytes)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["technique", "ratio", "accuracy", "size_bytes", "params", "nonzero", "macs", "note"])
+    for r in rows:
+        writer.writerow([r.technique, "" if r.ratio is None else r.ratio, f"{r.accuracy:.6f}", r.size_bytes, r.params,
+                         r.nonzero, r.macs, r.note])
+    return out.getvalue()
 
 
 def table(rows: list[Row]) -> str:

@@ -20,11 +20,27 @@ the central test set:
 
 Round 0 (``on_run_start``) logs the initial model's geometry as the baseline. ``every: k``
 measures every k-th round (the last round always).
+
+Figures (``figures: true``; ``plugins.geometry.views``, drawn by ``fl.figures``) at every measured
+round, as TensorBoard images ``plugin/geometry/...`` and PNGs under ``images/geometry/`` in the run
+directory (the run logger writes both):
+
+    global/angle_length, global/margin    the paper's per-class views of the global model
+    client<p>/shift                       a chosen client's model against the global one
+    compressed/angle_length, compressed/margin
+                                          with the ``compression`` plugin also on (its options
+                                          arrive as ``compression``): the global model beside its
+                                          float compressed copies (pruned, fp16), as in the paper's
+                                          comparison of pruning methods, at the rounds the
+                                          compression plugin compresses (its ``every``, the last)
+
+``global/scatter_points`` is the number of points the scatter drew (every sample with a finite
+angle and length, of the first ``max_classes`` classes).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +52,7 @@ from fl.hooks import Plugin, Report, RunView, register_plugin
 from fl.sampling import seed_for
 from plugins.geometry.corruptions import CORRUPTIONS, corrupt
 from plugins.geometry.metrics import METRICS, Geometry, finite, measure, shift, summarize
+from plugins.geometry.views import class_views, shift_view
 
 _SUBSET_TAG = 0x6E0  # seed word of the evaluation subset
 _NOISE_TAG = 0xC0  # seed word of the corruption noise
@@ -48,9 +65,12 @@ class GeometryMonitor(Plugin):
                  corruption_kinds: Sequence[str] = CORRUPTIONS, per_class: bool = True, histograms: bool = True,
                  epochs: int = 1, batch_size: int = 32, lr: float = 0.05, momentum: float = 0.0,
                  weight_decay: float = 0.0, bn_stats: str = "global", seed: int = 0, layer: str = "classifier",
-                 batch: int = 500):
+                 batch: int = 500, figures: bool = True, max_classes: int = 10,
+                 compression: Mapping[str, Any] | Plugin | None = None):
         if samples < 1 or every < 1:
             raise ValueError("geometry: samples and every must be >= 1")
+        if max_classes < 1:
+            raise ValueError(f"geometry.max_classes must be >= 1, got {max_classes}")
         unknown = sorted(set(corruption_kinds) - set(CORRUPTIONS))
         if unknown or any(not 1 <= s <= 5 for s in severities):
             raise ValueError(f"geometry: corruptions must be among {CORRUPTIONS} at severities 1..5")
@@ -64,6 +84,8 @@ class GeometryMonitor(Plugin):
         self._previous: ArrayRecord | None = None  # w_t, the model the round's clients received
         self._previous_geometry: Geometry | None = None
         self._indices: np.ndarray | None = None
+        self.figures, self.max_classes = bool(figures), int(max_classes)
+        self.compression = _compression(compression)
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -92,6 +114,8 @@ class GeometryMonitor(Plugin):
                 self._client_report(report, run, partition, previous_geometry, client_geo)
         if self.corruptions:
             self._corruption_report(report, run, model)
+        if self.figures and self.compression is not None and self.compression.runs_at(server_round, run.num_rounds):
+            self._compressed_report(report, run, arrays, geo)
         return report
 
     # -- pieces ------------------------------------------------------------------------------
@@ -128,7 +152,12 @@ class GeometryMonitor(Plugin):
         if self.histograms:
             histograms = {f"global/{m}": finite(getattr(geo, m)) for m in METRICS}
             histograms = {k: v for k, v in histograms.items() if v.size}
-        return Report(scalars=scalars, histograms=histograms)
+        report = Report(scalars=scalars, histograms=histograms)
+        if self.figures:
+            images, drawn = class_views({"global model": geo}, _class_names(run), self.max_classes, "global model")
+            report.images.update({f"global/{k}": v for k, v in images.items()})
+            report.scalars["global/scatter_points"] = float(drawn)
+        return report
 
     def _client_report(self, report: Report, run: RunView, partition: int, before: Geometry, after: Geometry) -> None:
         prefix = f"client{partition}/"
@@ -141,6 +170,17 @@ class GeometryMonitor(Plugin):
                 delta = finite(getattr(after, metric) - getattr(before, metric))
                 if delta.size:
                     report.histograms[f"{prefix}delta_{metric}"] = delta
+        if self.figures:
+            report.images[f"{prefix}shift"] = shift_view(before, after, _class_names(run), self.max_classes,
+                                                         f"client {partition}")
+
+    def _compressed_report(self, report: Report, run: RunView, arrays: ArrayRecord, geo: Geometry) -> None:
+        """The global model's views beside those of its float compressed copies, on the same samples."""
+        models = {"global model": geo}
+        for name, compressed in self.compression.float_models(run, arrays).items():
+            models[name] = measure(compressed, self._batches(run), self.layer)
+        images, _ = class_views(models, _class_names(run), self.max_classes, "global model vs compressed")
+        report.images.update({f"compressed/{k}": v for k, v in images.items()})
 
     def _corruption_report(self, report: Report, run: RunView, model: nn.Module) -> None:
         test = run.federation.test
@@ -161,3 +201,20 @@ class GeometryMonitor(Plugin):
                             f"{stats['angle_mean']:.2f} | {stats['margin_mean']:.3f} |")
         report.text["corruptions"] = "\n".join(
             ["| corruption | severity | accuracy | length | angle (deg) | margin |", "|---|---|---|---|---|---|", *rows])
+
+
+def _class_names(run: RunView) -> list[str]:
+    names = getattr(run.federation.test, "class_names", None)
+    return list(names) if names else [str(c) for c in range(run.federation.num_classes)]
+
+
+def _compression(options: Mapping[str, Any] | Plugin | None):
+    """The compression plugin whose models are compared (its config when ``plugins=[...,compression]``)."""
+    from plugins.compression import ModelCompression
+
+    if options is None or isinstance(options, ModelCompression):
+        return options
+    try:
+        return ModelCompression(**{k: v for k, v in dict(options).items() if k != "_target_"})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"geometry.compression (the compression plugin's options): {exc}") from None
