@@ -2,7 +2,9 @@
 
 This is where Hydra stops (STYLE rule 6): ``build(cfg, run_dir)`` validates the config and
 returns ``(ServerSpec, EngineSpec)``; nothing below it sees a ``DictConfig``. A bad value raises
-``ConfigError`` naming the key and the allowed values.
+``ConfigError`` naming the key and the allowed values. Nothing is silently accepted: a key the
+run does not read (``+foo=1``, ``+train.learning_rate=0.1``) is refused, and every plugin is built
+once here so that a plugin refusing its options stops the run before any work.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from typing import Any, Callable, Mapping
 
 from flwr.serverapp.strategy import Strategy
@@ -33,10 +36,27 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("inprocess", "ray")
 _DATA_KEYS = ("name", "root", "partition")
+# The keys the run reads (a Hydra config group or a section of config.yaml); any other is refused.
+KEYS = ("seed", "num_clients", "fraction_fit", "fraction_evaluate", "min_fit_clients", "min_evaluate_clients", "rounds",
+        "eval_every", "round_timeout", "checkpoint_every", "keep_checkpoint", "resume", "train", "codec", "faults",
+        "ray", "plugins", "tensorboard", "progress", "verbose", "strategy", "data", "model", "engine", "device")
+SECTION_KEYS = {
+    "train": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "bn_stats"),
+    "codec": ("down", "up"),
+    "faults": ("crash", "hang", "late", "nan", "hang_seconds", "late_seconds"),
+    "ray": ("address", "num_cpus_per_client"),
+    "engine": ("name", "workers", "torch_threads"),
+    "device": ("profiles", "deadline_s"),
+}
 
 
 def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultSpec]:
-    c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    try:
+        c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except Exception as exc:  # an interpolation that does not resolve, e.g. ${nosuch}
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(str(key), f"{str(exc).splitlines()[0]}; fix the value or the ${{...}} it refers to") from None
+    _known_keys(c)
     seed = _int(c, "seed", minimum=0)
     num_clients = _int(c, "num_clients", minimum=1)
     rounds = _int(c, "rounds", minimum=1)
@@ -51,33 +71,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
     if fraction_evaluate > 0 and max(int(num_clients * fraction_evaluate), min_eval) > num_clients:
         raise ConfigError("min_evaluate_clients", f"exceeds num_clients={num_clients}")
 
-    data = _data_spec(c["data"], num_clients, seed)
-    model = _model_spec(c["model"])
-    plugins = tuple(_plugin_spec(name, pc) for name, pc in (c.get("plugins") or {}).items())
-    client = ClientSpec(data=data, model=model, seed=seed, plugins=plugins)
-
-    federation = data.federation()  # builds (and validates) the data once, before any round
-    probe = model.build_for(federation)  # fails here, not in a worker, on a bad model option
-    clock = None
-    if (c.get("device") or {}).get("profiles"):
-        from fl.models import model_profile
-
-        macs = model_profile(probe, in_channels=federation.channels, image_size=federation.image_size)["macs"]
-        clock = clock_spec(c["device"], macs, seed)
-
-    codec = c.get("codec") or {}
-    down, up = str(codec.get("down", "dense_fp32")), str(codec.get("up", "dense_fp32"))
-    if isinstance(get_codec(down), UpdateCodec):
-        raise ConfigError("codec.down", f"{down!r} encodes client updates and is for codec.up only; "
-                                        "use a weight codec such as dense_fp32, fp16 or int8_weights")
-    get_codec(up)
-    make_strategy = _strategy_factory(c["strategy"], dict(
-        fraction_train=fraction_fit, fraction_evaluate=fraction_evaluate, min_train_nodes=min_fit,
-        min_evaluate_nodes=min_eval if fraction_evaluate > 0 else 0, min_available_nodes=num_clients,
-    ), dict(seed=seed, down_codec=down, up_codec=up),
-        # given only to strategies that declare them (e.g. DELTA needs the model's architecture)
-        dict(build_model=lambda: model.build_for(federation), test_set=federation.test))
-
+    # Settings first (cheap checks), then what must be built to be checked: data, model, plugins.
     t = c.get("train") or {}
     hyper = TrainHyper(epochs=_int(t, "epochs", minimum=1, prefix="train."),
                        batch_size=_int(t, "batch_size", minimum=1, prefix="train."),
@@ -92,21 +86,81 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
     ray_cfg = c.get("ray") or {}
     engine = EngineSpec(name=engine_name, workers=_int(e, "workers", minimum=1, prefix="engine."),
                         torch_threads=_int(e, "torch_threads", minimum=1, prefix="engine."),
-                        ray_address=ray_cfg.get("address"),
-                        ray_cpus_per_client=float(ray_cfg.get("num_cpus_per_client", 1.0)),
-                        verbose=bool(c.get("verbose", False)))
-    server = ServerSpec(client=client, make_strategy=make_strategy, rounds=rounds, train=hyper, run_dir=run_dir,
-                        eval_every=_int(c, "eval_every", minimum=0), round_timeout=float(c.get("round_timeout", 3600)),
-                        tensorboard=bool(c.get("tensorboard", True)), progress=bool(c.get("progress", True)),
-                        checkpoint_every=_int(c, "checkpoint_every", minimum=0), clock=clock)
+                        ray_address=_address(ray_cfg),
+                        ray_cpus_per_client=_float(ray_cfg, "num_cpus_per_client", minimum=0.0, exclusive=True,
+                                                   prefix="ray.", default=1.0),
+                        verbose=_bool(c, "verbose", False))
+    settings = dict(eval_every=_int(c, "eval_every", minimum=0),
+                    round_timeout=_float(c, "round_timeout", minimum=0.0, exclusive=True, default=3600.0),
+                    tensorboard=_bool(c, "tensorboard", True), progress=_bool(c, "progress", True),
+                    checkpoint_every=_int(c, "checkpoint_every", minimum=0),
+                    keep_checkpoint=_bool(c, "keep_checkpoint", False))
     f = c.get("faults") or {}
     faults = FaultSpec(**{k: _fraction(f, k, allow_zero=True, prefix="faults.") for k in ("crash", "hang", "late", "nan")},
                        hang_seconds=_float(f, "hang_seconds", minimum=0.0, prefix="faults."),
                        late_seconds=_float(f, "late_seconds", minimum=0.0, prefix="faults."), seed=seed)
+    codec = c.get("codec") or {}
+    down, up = str(codec.get("down", "dense_fp32")), str(codec.get("up", "dense_fp32"))
+    if isinstance(get_codec(down), UpdateCodec):
+        raise ConfigError("codec.down", f"{down!r} encodes client updates and is for codec.up only; "
+                                        "use a weight codec such as dense_fp32, fp16 or int8_weights")
+    get_codec(up)
+
+    data = _data_spec(c["data"], num_clients, seed)
+    model = _model_spec(c["model"])
+    plugins = tuple(_plugin_spec(name, pc) for name, pc in (c.get("plugins") or {}).items())
+    for plugin in plugins:
+        plugin.build()  # a plugin refusing its options stops here (ConfigError naming it), before any work
+    client = ClientSpec(data=data, model=model, seed=seed, plugins=plugins)
+
+    try:
+        federation = data.federation()  # builds (and validates) the data once, before any round
+    except MemoryError as exc:
+        raise ConfigError("num_clients", f"{num_clients} clients' data does not fit in this machine's memory "
+                                         f"({str(exc).splitlines()[0]}); lower num_clients or the data size "
+                                         "per client (data.samples_per_client for synthetic)") from None
+    probe = model.build_for(federation)  # fails here, not in a worker, on a bad model option
+    clock = None
+    if (c.get("device") or {}).get("profiles"):
+        from fl.models import model_profile
+
+        macs = model_profile(probe, in_channels=federation.channels, image_size=federation.image_size)["macs"]
+        clock = clock_spec(c["device"], macs, seed)
+
+    make_strategy = _strategy_factory(c["strategy"], dict(
+        fraction_train=fraction_fit, fraction_evaluate=fraction_evaluate, min_train_nodes=min_fit,
+        min_evaluate_nodes=min_eval if fraction_evaluate > 0 else 0, min_available_nodes=num_clients,
+    ), dict(seed=seed, down_codec=down, up_codec=up),
+        # given only to strategies that declare them (e.g. DELTA needs the model's architecture)
+        dict(build_model=lambda: model.build_for(federation), test_set=federation.test))
+
+    server = ServerSpec(client=client, make_strategy=make_strategy, rounds=rounds, train=hyper, run_dir=run_dir,
+                        clock=clock, **settings)
     return server, engine, faults
 
 
 # -- pieces ------------------------------------------------------------------------------------
+
+def _known_keys(c: Mapping[str, Any]) -> None:
+    """Refuse a key the run would ignore (a typo, or one added with ``+``)."""
+    for key in c:
+        if key not in KEYS:
+            raise ConfigError(str(key), f"unknown key; the run reads: {', '.join(KEYS)}")
+    for section, keys in SECTION_KEYS.items():
+        value = c.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(section, f"must be a mapping of {', '.join(keys)}, got {value!r}")
+        for key in value:
+            if key not in keys:
+                raise ConfigError(f"{section}.{key}", f"unknown key; {section} takes: {', '.join(keys)}")
+    if c.get("resume") is not None and not isinstance(c["resume"], str):
+        raise ConfigError("resume", f"must be a run directory, got {c['resume']!r}")
+    if not isinstance(c.get("plugins") or {}, Mapping):
+        raise ConfigError("plugins", "must be a mapping of plugin name to options; choose plugins with "
+                                     "plugins=[name,...] (e.g. plugins=[geometry])")
+
 
 def _data_spec(d: Mapping[str, Any], num_clients: int, seed: int) -> DataSpec:
     from fl.data import DATASETS
@@ -199,10 +253,29 @@ def _int(c: Mapping[str, Any], key: str, *, minimum: int, prefix: str = "") -> i
     return value
 
 
-def _float(c: Mapping[str, Any], key: str, *, minimum: float, prefix: str = "") -> float:
+def _float(c: Mapping[str, Any], key: str, *, minimum: float, prefix: str = "", exclusive: bool = False,
+           default: float | None = None) -> float:
+    if default is not None and key not in c:
+        return default
     value = _number(c, key, float, prefix)
-    if value < minimum:
-        raise ConfigError(prefix + key, f"must be >= {minimum}, got {value}")
+    if not math.isfinite(value):
+        raise ConfigError(prefix + key, f"must be a finite number, got {value}")
+    if value < minimum or (exclusive and value == minimum):
+        raise ConfigError(prefix + key, f"must be {'>' if exclusive else '>='} {minimum}, got {value}")
+    return value
+
+
+def _bool(c: Mapping[str, Any], key: str, default: bool, *, prefix: str = "") -> bool:
+    value = c.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(prefix + key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _address(ray_cfg: Mapping[str, Any]) -> str | None:
+    value = ray_cfg.get("address")
+    if value is not None and not (isinstance(value, str) and value):
+        raise ConfigError("ray.address", f"must be null (a local Ray), \"auto\" or host:port, got {value!r}")
     return value
 
 

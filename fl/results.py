@@ -1,8 +1,10 @@
 """What a finished run leaves behind, written atomically (README, "Run directory").
 
 ``final_model.pt`` and ``summary.json`` are written only when a run completes, each to a temporary
-file that is then renamed, so a crashed run never leaves a final model or a summary behind. The
-same atomic writes serve the DELTA caches (``fl.delta``).
+file that is fsynced and then renamed, so a crashed run never leaves a torn final model or summary
+behind. ``summary.json`` is written last: a run directory holding it is complete
+(``outputs_complete``), and one killed between the two writes is finished by ``resume=<dir>``.
+The same atomic writes serve the DELTA caches (``fl.delta``).
 """
 
 from __future__ import annotations
@@ -15,23 +17,36 @@ from typing import Any
 
 import torch
 
+from fl.checkpoint import kill_point
+
 SUMMARY_FILE = "summary.json"
 FINAL_MODEL_FILE = "final_model.pt"
 ERROR_FILE = "error.txt"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to ``path`` through a temporary file, fsync and a rename."""
+    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
+    _atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def outputs_complete(run_dir: str | os.PathLike) -> bool:
+    """Whether a run directory holds its final outputs (``summary.json`` is written after the model)."""
+    return (Path(run_dir) / SUMMARY_FILE).is_file() and (Path(run_dir) / FINAL_MODEL_FILE).is_file()
+
+
+def _atomic(path: Path, write: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    kill_point(f"{path.name}:tmp")  # test hook: the new file is written, not yet in place
     os.replace(tmp, path)
 
 
@@ -44,6 +59,7 @@ def write_results(run_dir: str | os.PathLike, rounds: int, outcome: Any, started
     """
     run_dir = Path(run_dir)
     atomic_save(outcome.final_arrays.to_torch_state_dict(), run_dir / FINAL_MODEL_FILE)
+    kill_point("before_summary")  # test hook: the final model is in place, the summary is not
     evaluated = [r for r in outcome.rows if r["accuracy"] is not None]
     last = outcome.rows[-1]
     summary = {

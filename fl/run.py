@@ -19,7 +19,7 @@ from fl.checkpoint import Checkpoint
 from fl.faults import FaultSpec, fault_mod
 from fl.engine.inprocess import InProcessGrid
 from fl.results import write_results
-from fl.server import RunOutcome, ServerSpec, build_server_app
+from fl.server import RunOutcome, ServerSpec, StopRequest, build_server_app, finish_only, run_server
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,18 @@ class EngineSpec:
 
 
 def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None = None,
-            resume: Checkpoint | None = None, faults: FaultSpec | None = None) -> dict[str, Any]:
+            resume: Checkpoint | None = None, faults: FaultSpec | None = None,
+            stop: StopRequest | None = None) -> dict[str, Any]:
     """Run the federation (from ``resume``'s round on, if given); returns the summary also
-    written to ``summary.json``."""
+    written to ``summary.json``. ``stop`` (signal handlers) may end it early with ``RunStopped``.
+    A checkpoint of the last round needs no engine: the outputs are written from it."""
     plugins = [p.build() for p in spec.client.plugins]
+    if finish_only(spec, resume):
+        outcome = run_server(None, spec, plugins, resume, stop)
+        return write_results(spec.run_dir, spec.rounds, outcome, time.time(), engine.name,
+                             first_train_unix=None, first_train_s=None)
     outcome = RunOutcome()
-    server_app = build_server_app(spec, plugins, outcome, resume)
+    server_app = build_server_app(spec, plugins, outcome, resume, stop)
     client_app = build_client_app(spec.client, mods=[fault_mod(faults)] if faults and faults.active else None)
     num_nodes = spec.client.data.num_clients
     started = time.time()

@@ -5,13 +5,22 @@ open: the Grid (wrapped in ``MeteredGrid`` to count bytes) and ``evaluate_fn``, 
 calls before round 1 and after every round. ``RoundReporter`` is that callback: it evaluates the
 global model centrally, closes the round's traffic, calls the plugins' server hooks and writes
 the round's row through the run logger.
+
+Stopping and resuming: ``StopRequest`` turns SIGTERM and SIGINT into a stop at a clean point (the
+round in progress finishes, is logged and checkpointed, then ``RunStopped`` ends the run); a second
+signal stops at once, at the last checkpoint. A resumed run rewrites ``metrics.jsonl`` from the
+checkpoint's rows (a killed run may have logged later rounds or torn its last line), and one whose
+checkpoint is its last round only runs the plugins' ``on_run_end`` (``finish_only``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -23,12 +32,12 @@ from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
 from clients.dense import ClientData, TrainHyper, evaluate
-from fl.checkpoint import Checkpoint, save_checkpoint
+from fl.checkpoint import Checkpoint, kill_point, save_checkpoint
 from fl.clock import ClockSpec
 from fl.engine.metered import MeteredGrid
 from fl.hooks import Plugin, RunView
 from fl.keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
-from fl.runlog import RunLogger, truncate_metrics
+from fl.runlog import METRICS_FILE, RunLogger
 from fl.specs import ClientSpec
 
 
@@ -45,6 +54,7 @@ class ServerSpec:
     round_timeout: float = 3600.0
     eval_threads: int = 0  # torch threads for central evaluation; 0 = all cores
     checkpoint_every: int = 0  # write checkpoint.pt every k rounds (and after the last); 0 = never
+    keep_checkpoint: bool = False  # keep checkpoint.pt once a run's final outputs are written (fl.simulate)
     clock: ClockSpec | None = None  # virtual device clock (fl.clock); None = untimed
     tensorboard: bool = True
     progress: bool = True
@@ -57,6 +67,39 @@ class RunOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
     control_bytes: int = 0  # one-time node discovery queries (see fl.engine.metered)
     error: BaseException | None = None
+
+
+class RunStopped(BaseException):
+    """The run stopped on a signal; ``round`` is its last checkpointed round (0: none).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: no ``except Exception`` on the way may take it
+    for a failure."""
+
+    def __init__(self, round: int, signum: int):
+        super().__init__(f"stopped at round {round}")
+        self.round, self.signum = round, signum
+
+
+class StopRequest:
+    """SIGTERM/SIGINT handlers for the duration of a run (installed by ``fl.simulate``).
+
+    The first signal is only recorded: the reporter checks it after each round, checkpoints that
+    round and raises ``RunStopped``. A second one raises ``RunStopped`` at once, at the last
+    checkpoint (a round in progress is lost; its partial writes are repaired by the resume)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.checkpointed = 0  # the last round whose checkpoint is in place
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            return
+        raise RunStopped(self.checkpointed, signum)
 
 
 def train_config(hyper: TrainHyper, extra: dict[str, Any]) -> ConfigRecord:
@@ -78,9 +121,10 @@ class RoundReporter:
     """Flower's ``evaluate_fn``: called with round 0 before training and after every round."""
 
     def __init__(self, spec: ServerSpec, grid: MeteredGrid, logger: RunLogger, plugins: list[Plugin], view: RunView,
-                 checkpoint: Callable[[int, ArrayRecord], None] | None = None, resumed: dict[str, Any] | None = None):
+                 checkpoint: Callable[[int, ArrayRecord], None] | None = None, resumed: dict[str, Any] | None = None,
+                 stop: StopRequest | None = None):
         self.spec, self.grid, self.logger, self.plugins, self.view = spec, grid, logger, plugins, view
-        self.checkpoint = checkpoint
+        self.checkpoint, self.stop = checkpoint, stop
         self.rejections: dict[int, list[str]] = {}  # the strategy's record of rejected updates, if it keeps one
         # A strategy may evaluate its own global model: evaluate_global(arrays, test_data) -> {"accuracy", "loss", ...}
         self.evaluate_global: Callable[[ArrayRecord, ClientData], dict[str, float]] | None = None
@@ -95,22 +139,25 @@ class RoundReporter:
         self.eval_metrics: dict[str, float] = {}
         self.rows: list[dict[str, Any]] = []
         self.offset = 0  # rounds already done before this process (a resumed run)
+        self.checkpointed = 0  # the last round whose checkpoint is in place
         self.initial: tuple[ArrayRecord, Any, float] | None = None  # round 0, reported after round 1
         if resumed is not None:
             self.cum_up, self.cum_down, self.rows = resumed["cum_up"], resumed["cum_down"], list(resumed["rows"])
             self.cum_sim_s = resumed.get("cum_sim_s", 0.0)
             self.offset = int(resumed["round"])
             self.started -= float(resumed["wall_s"])
+        self.checkpointed = self.offset
         self.bar = tqdm(total=spec.rounds, initial=self.offset, desc="rounds", unit="round", disable=not spec.progress,
                         dynamic_ncols=True)
 
     def state(self, server_round: int) -> dict[str, Any]:
         return {"round": server_round, "cum_up": self.cum_up, "cum_down": self.cum_down, "rows": self.rows,
-                "cum_sim_s": self.cum_sim_s,
+                "cum_sim_s": self.cum_sim_s, "control_bytes": self.grid.control_bytes,
                 "wall_s": time.time() - self.started}
 
     def record_train(self, aggregate):
         def wrapped(server_round, replies):
+            kill_point(f"aggregate:{server_round + self.offset}")  # test hook: mid-round, replies in hand
             arrays, metrics = aggregate(server_round, replies)
             self.train_metrics = dict(metrics or {})
             return arrays, metrics
@@ -186,6 +233,7 @@ class RoundReporter:
         row.update(plugin_scalars)
         self.logger.log_round(row, traffic.per_client_up)
         self.rows.append(row)
+        kill_point(f"logged:{server_round}")  # test hook: the row is in metrics.jsonl, its checkpoint is not
         if server_round > 0:
             self.bar.update(1)
             postfix = {"up_MiB": f"{self.cum_up / 2**20:.1f}"}
@@ -193,9 +241,16 @@ class RoundReporter:
                 postfix["acc"] = f"{accuracy:.3f}"
             self.bar.set_postfix(postfix)
         every = self.spec.checkpoint_every
-        if self.checkpoint is not None and server_round > 0 and every > 0 and (
-                server_round % every == 0 or server_round == self.spec.rounds):
+        stopping = self.stop is not None and self.stop.signum is not None and server_round > 0
+        if self.checkpoint is not None and server_round > 0 and (stopping or every > 0 and (
+                server_round % every == 0 or server_round == self.spec.rounds)):
             self.checkpoint(server_round, arrays)
+            self.checkpointed = server_round
+            if self.stop is not None:
+                self.stop.checkpointed = server_round
+            kill_point(f"checkpointed:{server_round}")  # test hook: the round's checkpoint is in place
+        if stopping:
+            raise RunStopped(self.checkpointed, self.stop.signum)
         if server_round > 0:  # round 1's hooks ran before it started
             self._before_round(server_round + 1)
         return MetricRecord({"accuracy": accuracy, "loss": loss}) if evaluated else None
@@ -206,8 +261,12 @@ class RoundReporter:
                 self.logger.log_report(plugin.name, plugin.before_round(self.view, server_round), server_round)
 
 
-def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin], resume: Checkpoint | None = None) -> RunOutcome:
-    """Everything a ServerApp main does; returns the final global model and the logged rows."""
+def run_server(grid: Grid | None, spec: ServerSpec, plugins: list[Plugin], resume: Checkpoint | None = None,
+               stop: StopRequest | None = None) -> RunOutcome:
+    """Everything a ServerApp main does; returns the final global model and the logged rows.
+
+    With a checkpoint of the last round (``finish_only(spec, resume)``) no round is left: no grid is
+    needed, and only the plugins' ``on_run_end`` runs before the outcome is returned."""
     torch.manual_seed(spec.client.seed)
     federation = spec.client.data.federation()
     build_model = lambda: spec.client.model.build_for(federation)  # noqa: E731
@@ -228,7 +287,9 @@ def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin], resume: Chec
             strategy.load_state_dict(resume.strategy)
         if hasattr(metered, "restore_node_states"):
             metered.restore_node_states(resume.node_states)
-        truncate_metrics(spec.run_dir, done_rounds)
+        restore_metrics(spec.run_dir, resume.reporter["rows"])
+        if stop is not None:
+            stop.checkpointed = done_rounds
     logger = RunLogger(spec.run_dir, tensorboard=spec.tensorboard, purge_step=done_rounds + 1 if resume else None)
     view = RunView(run_dir=spec.run_dir, federation=federation, build_model=build_model,
                    load_global=load_global, num_rounds=spec.rounds, initial_arrays=initial)
@@ -240,7 +301,7 @@ def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin], resume: Chec
                                                  reporter.state(server_round), node_states))
 
     reporter = RoundReporter(spec, metered, logger, plugins, view, checkpoint,
-                             resume.reporter if resume is not None else None)
+                             resume.reporter if resume is not None else None, stop)
     reporter.rejections = getattr(strategy, "rejections", {})
     reporter.evaluate_global = getattr(strategy, "evaluate_global", None)
     strategy.aggregate_train = reporter.record_train(strategy.aggregate_train)
@@ -250,16 +311,41 @@ def run_server(grid: Grid, spec: ServerSpec, plugins: list[Plugin], resume: Chec
         if resume is None:
             for plugin in plugins:
                 logger.log_report(plugin.name, plugin.on_run_start(view), 0)
-        result = runner.start(grid=metered, initial_arrays=initial, num_rounds=spec.rounds - done_rounds,
-                              timeout=spec.round_timeout, train_config=train_config(spec.train, spec.extra_train_config),
-                              evaluate_fn=reporter)
+        final = initial
+        if done_rounds < spec.rounds:
+            result = runner.start(grid=metered, initial_arrays=initial, num_rounds=spec.rounds - done_rounds,
+                                  timeout=spec.round_timeout,
+                                  train_config=train_config(spec.train, spec.extra_train_config), evaluate_fn=reporter)
+            final = result.arrays if len(result.arrays) else initial
         for plugin in plugins:
             logger.log_report(plugin.name, plugin.on_run_end(view), spec.rounds)
     finally:
         reporter.bar.close()
         logger.close()
-    return RunOutcome(final_arrays=result.arrays if len(result.arrays) else initial, rows=reporter.rows,
-                      control_bytes=metered.control_bytes)
+    control_bytes = metered.control_bytes
+    if finish_only(spec, resume):  # no engine ran: the control traffic is the killed run's
+        control_bytes = int(resume.reporter.get("control_bytes", 0))
+    return RunOutcome(final_arrays=final, rows=reporter.rows, control_bytes=control_bytes)
+
+
+def finish_only(spec: ServerSpec, resume: Checkpoint | None) -> bool:
+    """Whether ``resume`` holds the run's last round: only the end of the run is left to do."""
+    return resume is not None and resume.round >= spec.rounds
+
+
+def restore_metrics(run_dir: str, rows: list[dict[str, Any]]) -> None:
+    """Make ``metrics.jsonl`` exactly the checkpoint's rows, written as the run logger writes them,
+    atomically (a killed run may have logged later rounds, or torn its last line)."""
+    scratch = Path(run_dir) / ".metrics-restore"
+    shutil.rmtree(scratch, ignore_errors=True)
+    logger = RunLogger(scratch, tensorboard=False)
+    try:
+        for row in rows:
+            logger.log_round(row)
+    finally:
+        logger.close()
+    os.replace(scratch / METRICS_FILE, Path(run_dir) / METRICS_FILE)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 class ResumedRounds(Strategy):
@@ -285,13 +371,13 @@ class ResumedRounds(Strategy):
 
 
 def build_server_app(spec: ServerSpec, plugins: list[Plugin], outcome: RunOutcome,
-                     resume: Checkpoint | None = None) -> ServerApp:
+                     resume: Checkpoint | None = None, stop: StopRequest | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            done = run_server(grid, spec, plugins, resume)
+            done = run_server(grid, spec, plugins, resume, stop)
             outcome.final_arrays, outcome.rows, outcome.control_bytes = done.final_arrays, done.rows, done.control_bytes
         except BaseException as exc:  # surfaced by fl.run after the engine returns
             outcome.error = exc

@@ -81,14 +81,25 @@ class PluginSpec:
     options: Options = ()
 
     def build(self):
-        """The plugin; a ValueError from its constructor (a bad option) becomes a ConfigError naming it."""
+        """The plugin; a ValueError from its constructor (a bad option) or a TypeError from calling it
+        (an option it does not take) becomes a ConfigError naming it."""
+        import inspect
+
         from hydra.utils import get_object
 
+        cls = get_object(self.target)
+        options = thaw(self.options)
         try:
-            plugin = get_object(self.target)(**thaw(self.options))
+            inspect.signature(cls).bind(**options)
+        except TypeError as exc:
+            raise ConfigError(f"plugins.{self.name}", f"{exc}; it takes: {_parameters(cls)}") from None
+        except ValueError:  # no signature to check (a builtin): the call below says it
+            pass
+        try:
+            plugin = cls(**options)
         except ConfigError:
             raise
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ConfigError(f"plugins.{self.name}", str(exc)) from None
         plugin.name = self.name  # the config key names it in logs: plugin/<name>/...
         return plugin
@@ -119,6 +130,13 @@ class ClientSpec:
             seed=int(raw["seed"]),
             plugins=tuple(PluginSpec(p["name"], p["target"], freeze(p["options"])) for p in raw["plugins"]),
         )
+
+
+def _parameters(cls: Any) -> str:
+    import inspect
+
+    names = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    return ", ".join(names) or "no options"
 
 
 def _to_jsonable(spec: ClientSpec) -> dict[str, Any]:
