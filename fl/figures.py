@@ -357,8 +357,8 @@ DELTA_LINE = {"color": COLOURS[4], "linestyles": "dashed", "linewidths": 1.6}
 def map_examples(examples: Sequence[MapExample], *, title: str = "", edge_name: str = "edge",
                  delta_name: str = "DELTA") -> Figure:
     """One row per sample: the input; the edge model's GradCAM++ map with its region outlined
-    (solid); the DELTA's map with its region (dashed); both outlines on the input (XDELTA's
-    overlays, Figures 7-9). Each map is shown as a share of its own maximum (the scale the
+    (solid); the DELTA's map with its region (dashed); both regions on the input, tinted inside
+    (XDELTA's overlays, Figures 7-9). Each map is shown as a share of its own maximum (the scale the
     regions are thresholded on)."""
     rows = max(1, len(examples))
     fig, axes = new_figure(7.4, 1.55 * rows + 0.9, ncols=4, nrows=rows, squeeze=False, layout="constrained")
@@ -371,8 +371,8 @@ def map_examples(examples: Sequence[MapExample], *, title: str = "", edge_name: 
         ax_delta.imshow(_unit(ex.delta_map), cmap=MAP_CMAP, vmin=0, vmax=1, interpolation="nearest")
         _outline(ax_delta, ex.delta_region, DELTA_LINE)
         ax_both.imshow(ex.image, interpolation="nearest")
-        _outline(ax_both, ex.edge_region, EDGE_LINE)
-        _outline(ax_both, ex.delta_region, DELTA_LINE)
+        _outline(ax_both, ex.edge_region, EDGE_LINE, fill=0.3)
+        _outline(ax_both, ex.delta_region, DELTA_LINE, fill=0.3)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -390,7 +390,7 @@ def map_examples(examples: Sequence[MapExample], *, title: str = "", edge_name: 
         bar.ax.tick_params(labelsize="x-small")
     handles = [plt.Line2D([], [], color=EDGE_LINE["color"], linestyle="-", label=f"{edge_name} region"),
                plt.Line2D([], [], color=DELTA_LINE["color"], linestyle="--", label=f"{delta_name} region")]
-    fig.legend(handles=handles, loc="outside upper right", ncols=2, fontsize="x-small")
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize="x-small")
     if title:
         fig.suptitle(title, fontsize="medium")
     return fig
@@ -402,8 +402,9 @@ def _unit(values: np.ndarray) -> np.ndarray:
     return values / top if top > 0 else np.zeros_like(values)
 
 
-def _outline(ax, region: np.ndarray, line: Mapping) -> None:
-    """The region's boundary drawn along pixel edges (a dark halo keeps it visible on any background)."""
+def _outline(ax, region: np.ndarray, line: Mapping, fill: float = 0.0) -> None:
+    """The region's boundary drawn along pixel edges (a dark halo keeps it visible on any background),
+    and with ``fill`` > 0 its inside tinted with that opacity (which side is the region)."""
     import matplotlib.patheffects as effects
 
     region = np.asarray(region, dtype=bool)
@@ -414,6 +415,8 @@ def _outline(ax, region: np.ndarray, line: Mapping) -> None:
     fine = np.kron(region.astype(np.float32), np.ones((4, 4), dtype=np.float32))
     xs = (np.arange(4 * w) + 0.5) / 4 - 0.5
     ys = (np.arange(4 * h) + 0.5) / 4 - 0.5
+    if fill > 0:
+        ax.contourf(xs, ys, fine, levels=[0.5, 1.5], colors=[line["color"]], alpha=fill)
     contour = ax.contour(xs, ys, fine, levels=[0.5], colors=[line["color"]], linestyles=line["linestyles"],
                          linewidths=line["linewidths"])
     contour.set_path_effects([effects.Stroke(linewidth=line["linewidths"] + 1.4, foreground="black"), effects.Normal()])

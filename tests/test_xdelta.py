@@ -292,6 +292,47 @@ def test_cli_writes_a_complete_report(tmp_path, capsys):
     (["--pair-dir", "{pair}", "--delta-map-size", "-1"], "--delta-map-size"),
     (["--pair-dir", "{pair}", "--delta-map-size", "64"], "--delta-map-size"),
 ])
+def _embedded_pngs(html_text: str) -> int:
+    """Decode every base64 PNG of an HTML report with Pillow; each must be a non-blank picture."""
+    import base64
+    import re
+
+    from tests.test_figures import assert_picture
+
+    found = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)
+    for data in found:
+        assert_picture(base64.b64decode(data))
+    return len(found)
+
+
+def test_example_figures_per_category_in_the_report_and_the_html(tmp_path):
+    """Each category with explained samples: one figure whose rows are its samples (input, edge and
+    DELTA GradCAM++ maps, regions), the same image in the Report and embedded in the HTML."""
+    from plugins.xdelta import report as render
+    from plugins.xdelta.analysis import XDeltaSettings, analyze, to_report
+    from plugins.xdelta.saved import load_saved
+    from tests.test_figures import assert_picture
+
+    saved = load_saved(str(_tiny_pair_dir(tmp_path)), None)
+    _, test = saved.datasets()
+    settings = XDeltaSettings(samples=60, examples=2, opportunistic=False)
+    result = analyze(saved.fused, saved.base, test, settings)
+    report = to_report(result, test, settings)
+    counts = result.summary["category_counts"]
+    assert counts and sorted(report.images) == sorted(f"examples/{c}" for c in counts)
+    drawn = {k.split("/")[1]: v for k, v in report.images.items()}
+    for category, image in drawn.items():
+        assert_picture(image)
+        again = render.examples(result.explanation, test, 2)[category][0]
+        np.testing.assert_array_equal(again, image)  # the HTML's figure is the logged one
+    html_text = render.html_report(result.summary, result.explanation, test, per_category=2, drawn=drawn)
+    assert _embedded_pngs(html_text) == len(counts)
+    assert "GradCAM++" in html_text and "dashed orange outline" in html_text
+    import inspect
+
+    assert "zlib" not in inspect.getsource(render)  # PNGs come from Pillow (fl.figures.png_bytes)
+
+
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, key):
     from fl.explain import main
 
@@ -379,6 +420,16 @@ def test_the_plugin_explains_the_final_model_of_a_delta_run(tmp_path):
     counts = [v for tag, v in last.items() if tag.startswith("plugin/xdelta/count/")]
     assert last["plugin/xdelta/evaluated"] == 64 and len(counts) == 7  # the seven categories, NONE included
     assert sum(counts) == last["plugin/xdelta/explained"]
+    # one example figure per category that has explained samples, in TensorBoard, as PNGs and in the HTML
+    from fl.runlog import image_path
+    from tests.test_figures import assert_picture
+
+    shown = sorted(tag.rsplit("/", 1)[1] for tag, v in last.items() if tag.startswith("plugin/xdelta/count/") and v)
+    tags = sorted(t for t in events.Tags()["images"] if t.startswith("plugin/xdelta/examples/"))
+    assert tags == [f"plugin/xdelta/examples/{c}" for c in shown]
+    for category in shown:
+        assert_picture(image_path(run_dir, "xdelta", f"examples/{category}", 1).read_bytes())
+    assert _embedded_pngs(html_text) == len(shown)
 
 
 def test_the_plugin_refuses_a_delta_map_size_that_no_layer_has_before_round_1(tmp_path):

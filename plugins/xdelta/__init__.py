@@ -9,7 +9,7 @@ Models for Vision Tasks"), on the DELTA networks of ``fl.delta``.
     pipeline.py           predictions, explained samples, maps, regions, scores (``explain``)
     opportunistic.py      the DELTA run only when the edge's weak classes light up
     compression_study.py  missed concepts of structurally pruned edges
-    report.py             overlays, PNG encoder, markdown and HTML reports
+    report.py             example figures per category, markdown and HTML reports
     analysis.py           all of it end to end, and the Report for the run logger
     saved.py              a cached pair + DELTA from disk (``python -m fl.explain``)
     plugin.py             the ``xdelta`` plugin (``plugins=[xdelta]``)

@@ -5,10 +5,13 @@
 ``model.pair`` and ``model.cache_dir`` name, interpolated by ``sim_configs/plugins/xdelta.yaml``),
 on the first ``samples`` images of the central test set, the plugin runs ``analysis.analyze`` and
 returns a Report: category counts, mean overlap and locality per category, missed-concept
-frequencies, the opportunistic and compression tables, histograms of the per-sample scores and
-overlay grids (``plugin/xdelta/...`` in TensorBoard). The self-contained HTML report
-(``report_file``, default ``xdelta_report.html`` in the run directory) goes in the Report's files,
-which the run's logger writes atomically.
+frequencies, the opportunistic and compression tables, histograms of the per-sample scores and,
+per geometric category, a figure of its first ``examples`` explained samples (input, edge and
+DELTA GradCAM++ maps with their regions, both regions on the input: ``report.examples``) as
+TensorBoard images ``plugin/xdelta/examples/<category>`` at the last round, which the run's logger
+also writes as PNGs under ``images/xdelta/``. The self-contained HTML report (``report_file``,
+default ``xdelta_report.html`` in the run directory) embeds the same figures; it goes in the
+Report's files, which the run's logger writes atomically.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from flwr.app import ArrayRecord
 
 from fl.errors import ConfigError
 from fl.hooks import Plugin, Report, RunView, register_plugin
-from plugins.xdelta.analysis import XDeltaSettings, analyze, html, to_report
+from plugins.xdelta import report as render
+from plugins.xdelta.analysis import XDeltaSettings, analyze, to_report
 from plugins.xdelta.categories import Thresholds
 from plugins.xdelta.gradcam import DELTA_MAP_SIZE, delta_layer
+
+
+EXAMPLES = "examples/"  # the Report's image keys: examples/<category> (analysis.to_report)
 
 
 @register_plugin("xdelta")
@@ -67,7 +74,10 @@ class XDelta(Plugin):
         result = analyze(fused, base, run.federation.test, self.settings, train)
         report = to_report(result, run.federation.test, self.settings)
         if self.report_file:  # written by the run's logger, atomically
-            report.files[self.report_file] = html(result, run.federation.test, self.settings)
+            drawn = {k.removeprefix(EXAMPLES): v for k, v in report.images.items() if k.startswith(EXAMPLES)}
+            report.files[self.report_file] = render.html_report(
+                result.summary, result.explanation, run.federation.test, per_category=self.settings.examples,
+                studies=result.studies, drawn=drawn)
         return report
 
     @staticmethod
