@@ -27,17 +27,12 @@ One global sparse model (weights w, mask m) at target sparsity S. Per round t = 
                    Without readjustment every client returns the global mask, so m cannot change;
                    the mask version increments whenever m changes.
 
-ERK allocation (Evci et al., "Rigging the Lottery", ICML 2020, Sec. 3, as in RigL's code): the
-prunable tensors are the floating tensors with two or more dimensions (conv and linear weights,
-the first conv and the classifier included); biases and normalization parameters stay dense. A
-tensor of shape (n_1, ..., n_d) with N_l = prod n_j entries gets density
-    d_l = eps * (n_1 + ... + n_d) / (n_1 * ... * n_d)
-with eps such that sum_l d_l N_l = (1 - S) sum_l N_l. A tensor whose d_l would exceed 1 is made
-dense (d_l = 1, as are the tensors named in ``dense_layers``) and eps is solved again over the rest
-until none exceeds 1. K_l = d_l N_l rounded by largest remainder, so the K_l add up to
-round((1 - S) sum_l N_l) exactly. For ``cnn_small`` at S = 0.8 this leaves the first conv
-(864 weights) and the classifier (2,200) dense and makes the two other convs and the hidden
-linear layer 77-89% sparse. Dense tensors carry no mask (no bitmap bits).
+ERK allocation (Evci et al., "Rigging the Lottery", ICML 2020, Sec. 3, as in RigL's code;
+``fl.sparsity.erk_budgets``): conv and linear weights, the first conv and the classifier included,
+share the budget (1 - S) of their entries, each in proportion to (n_1 + ... + n_d) / prod n_j,
+clamped to dense; biases and normalization parameters stay dense. For ``cnn_small`` at S = 0.8
+this leaves the first conv (864 weights) and the classifier (2,200) dense and makes the two other
+convs and the hidden linear layer 77-89% sparse. Dense tensors carry no mask (no bitmap bits).
 
 The mask of every layer holds exactly K_l coordinates after every server step; their values are
 nonzero except for coordinates a client has just grown (they start at 0 and train next round).
@@ -57,6 +52,7 @@ from clients.trainer import TRAINER
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, METRICS
 from fl.payload import BitmapCodec, Masks, State, get_codec, has_bitmap
+from fl.sparsity import apply_mask, erk_budgets, magnitude_masks, prunable_shapes, top_k_mask
 from strategies.base import weighted_mean
 from strategies.fedavg import FedAvg
 
@@ -137,10 +133,8 @@ class FedDST(FedAvg):
 
     def initialize(self, state: Mapping[str, torch.Tensor]) -> None:
         """ERK budgets and the first mask: each layer's K_l largest-magnitude initial weights."""
-        self.budgets = erk_budgets({name: tuple(t.shape) for name, t in state.items()
-                                    if t.is_floating_point() and t.dim() >= 2}, self.sparsity, self.dense_layers)
-        self.mask = {name: top_k_mask(state[name].float().abs(), torch.zeros(state[name].shape), k)
-                     for name, k in self.budgets.items() if k < state[name].numel()}
+        self.budgets = erk_budgets(prunable_shapes(state), self.sparsity, self.dense_layers)
+        self.mask = magnitude_masks(state, self.budgets)
         self.mask_version = 1
 
     # -- aggregate ---------------------------------------------------------------------------
@@ -245,41 +239,6 @@ class FedDST(FedAvg):
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def erk_budgets(shapes: Mapping[str, Sequence[int]], sparsity: float, dense_layers: Iterable[str] = ()) -> dict[str, int]:
-    """K_l per prunable tensor: the ERK allocation described in the module docstring."""
-    numel = {name: math.prod(shape) for name, shape in shapes.items()}
-    score = {name: sum(shape) / numel[name] for name, shape in shapes.items()}
-    dense = set()
-    for layer in dense_layers:
-        names = {n for n in shapes if n == layer or n == f"{layer}.weight"}
-        if not names:
-            raise ConfigError("strategy.dense_layers", f"{layer!r} names no conv/linear weight; they are: {', '.join(shapes)}")
-        dense |= names
-    target = round((1.0 - sparsity) * sum(numel.values()))
-    while True:
-        rest = target - sum(numel[name] for name in dense)
-        if rest < 0:
-            raise ConfigError("strategy.dense_layers", f"the dense layers alone exceed the budget of sparsity {sparsity}")
-        free = [name for name in shapes if name not in dense]
-        if not free:
-            break
-        eps = rest / sum(score[name] * numel[name] for name in free)
-        over = {name for name in free if eps * score[name] > 1.0}
-        if not over:
-            break
-        dense |= over
-    budgets = {name: numel[name] for name in dense}
-    if free:
-        exact = {name: eps * score[name] * numel[name] for name in free}
-        floors = {name: min(int(math.floor(v)), numel[name]) for name, v in exact.items()}
-        left = rest - sum(floors.values())
-        by_remainder = sorted(free, key=lambda name: -(exact[name] - floors[name]))  # stable: ties in order
-        for name in by_remainder[:left]:
-            floors[name] += 1
-        budgets.update(floors)
-    return {name: budgets[name] for name in shapes}
-
-
 def holder_weighted_mean(values: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                          weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_k n_k m_k w_k / sum_k n_k m_k, 0 where no client holds a coordinate; sum_k n_k m_k)."""
@@ -291,20 +250,6 @@ def holder_weighted_mean(values: Sequence[torch.Tensor], masks: Sequence[torch.T
         den.add_(held)
     mean = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
     return mean.to(torch.float32), den
-
-
-def top_k_mask(magnitude: torch.Tensor, holders: torch.Tensor, k: int) -> torch.Tensor:
-    """The k coordinates of largest magnitude; ties by larger holder weight, then lower flat index."""
-    flat_mag, flat_hold = magnitude.reshape(-1), holders.reshape(-1)
-    order = torch.sort(flat_hold, descending=True, stable=True).indices
-    order = order[torch.sort(flat_mag[order], descending=True, stable=True).indices]
-    mask = torch.zeros(flat_mag.numel(), dtype=torch.bool)
-    mask[order[:k]] = True
-    return mask.reshape(magnitude.shape)
-
-
-def apply_mask(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> State:
-    return {name: t * masks[name] if name in masks else t for name, t in state.items()}
 
 
 def _bitmap_codec(name: str, key: str) -> BitmapCodec:

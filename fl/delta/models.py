@@ -41,6 +41,15 @@ def _pair(key: str, pair: Any, cache_dir: str, threads: int | None):
     return ensure_pair(PairSpec.from_options(_thaw(pair)), cache_dir, threads=threads)
 
 
+@functools.lru_cache(maxsize=8)
+def _sparse_base(key: str, pair: Any, sparse: Any, cache_dir: str, threads: int | None):
+    from fl.delta.pair import PairSpec
+    from fl.delta.sparse_base import SparseSpec, ensure_sparse_base
+
+    return ensure_sparse_base(PairSpec.from_options(_thaw(pair)), SparseSpec.from_options(_thaw(sparse)), cache_dir,
+                              threads=threads)
+
+
 def _thaw(value: Any) -> Any:
     from fl.delta.pair import _plain
 
@@ -81,13 +90,18 @@ def delta_fused(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
 
 @register_model("pretrained")
 def pretrained(*, num_classes: int, in_channels: int = 3, image_size: int = 32, role: str = "base",
-               pair: Any = None, cache_dir: str = DEFAULT_CACHE, threads: int | None = None) -> ZooModel:
+               pair: Any = None, sparse: Any = None, cache_dir: str = DEFAULT_CACHE,
+               threads: int | None = None) -> ZooModel:
     """The pair's centrally pretrained ``base`` or ``edge`` model (``fl.delta.pair``), trained on
-    first use and cached: FedAvg, Hermes and FedDST start from it in ``sim=delta_compare``."""
+    first use and cached: FedAvg and Hermes start from it in ``sim=delta_compare``. With ``sparse``
+    (``{sparsity, dense_layers, finetune}``) the base pruned to that sparsity and retrained on the
+    server split (``fl.delta.sparse_base``), FedDST's start."""
     import copy
 
     if role not in ("base", "edge"):
         raise ConfigError("model.role", f"must be base or edge, got {role!r}")
+    if sparse is not None and role != "base":
+        raise ConfigError("model.sparse", "only the base has a sparse pretraining; use model.role=base")
     if pair is None:  # no pair: the default base or edge, randomly initialized (tests)
         from fl.delta.pair import PairSpec, build_member
 
@@ -95,8 +109,12 @@ def pretrained(*, num_classes: int, in_channels: int = 3, image_size: int = 32, 
         return build_member(spec, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     pair_f = _freeze(pair)
     with _lock:
-        built = _pair(_key({"p": _thaw(pair), "d": cache_dir}), pair_f, str(cache_dir), threads)
-    model = copy.deepcopy(built.base if role == "base" else built.edge)
+        if sparse is not None:
+            built = _sparse_base(_key({"p": _thaw(pair), "s": _thaw(sparse), "d": cache_dir}), pair_f,
+                                 _freeze(sparse), str(cache_dir), threads)
+        else:
+            built = _pair(_key({"p": _thaw(pair), "d": cache_dir}), pair_f, str(cache_dir), threads)
+    model = copy.deepcopy(built if sparse is not None else built.base if role == "base" else built.edge)
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()

@@ -142,10 +142,11 @@ def tensors(images, limit: int | None = None) -> tuple[torch.Tensor, torch.Tenso
 # -- training ------------------------------------------------------------------------------------------
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int,
-                     loss_fn=None, *, label: str = "model") -> None:
+                     loss_fn=None, *, label: str = "model", after_step=None) -> None:
     """``bench/capacity_gap.py``'s recipe; ``loss_fn(logits, images, index, y)`` replaces CE (KD):
     ``images`` is the batch as the model saw it (translated with ``recipe.shift``), ``index`` its
-    rows of ``x``. ``label`` names the model in the epoch lines of the log."""
+    rows of ``x``. ``label`` names the model in the epoch lines of the log; ``after_step()`` runs
+    after every optimizer step (e.g. to hold pruned weights at zero)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     steps = recipe.epochs * ((len(x) + recipe.batch_size - 1) // recipe.batch_size)
@@ -164,6 +165,8 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             schedule.step()
             total += loss.item() * len(batch)
         if (epoch + 1) % 5 == 0 or epoch + 1 == recipe.epochs:
