@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import math
+import re
 from typing import Any, Callable, Mapping
 
 from flwr.serverapp.strategy import Strategy
@@ -233,6 +234,10 @@ def _strategy_factory(sc: Mapping[str, Any], flower_kwargs: dict[str, Any], our_
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unexpected and unexpected.group(1) in sc:  # passed on through **kwargs to a class that takes no such option
+            raise ConfigError(f"strategy.{unexpected.group(1)}", f"{cls.__name__} takes no argument "
+                                                                 f"{unexpected.group(1)!r}; see its docstring") from None
         raise ConfigError("strategy", f"{cls.__name__}: {exc}") from None
     return factory
 

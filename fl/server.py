@@ -91,9 +91,15 @@ class StopRequest:
         self.signum: int | None = None
         self.checkpointed = 0  # the last round whose checkpoint is in place
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopRequest"]:
+        """The handlers, for the duration of the ``with`` block (the previous ones come back after)."""
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:

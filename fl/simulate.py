@@ -40,17 +40,24 @@ def main(cfg: DictConfig) -> None:
     global _started
     _started = True
     run_dir = HydraConfig.get().runtime.output_dir
-    from fl.checkpoint import kill_point, remove_checkpoint
-    from fl.config import build  # heavy imports after Hydra has parsed the command line
-    from fl.results import ERROR_FILE
-    from fl.run import execute
-    from fl.server import RunStopped, StopRequest
+    import fl.config  # noqa: F401  (the heavy imports, after Hydra has parsed the command line)
+    from fl.server import StopRequest
 
     if not cfg.get("verbose", False):  # after the imports: importing flwr resets its logger's level
         logging.getLogger("flwr").setLevel(logging.ERROR)
 
-    stop = StopRequest()
-    stop.install()
+    with StopRequest().installed() as stop:
+        _run(cfg, run_dir, stop)
+
+
+def _run(cfg: DictConfig, run_dir: str, stop) -> None:
+    """Check the config (or the run to resume), run it, and turn what stops it into one line."""
+    from fl.checkpoint import kill_point, remove_checkpoint
+    from fl.config import build
+    from fl.results import ERROR_FILE
+    from fl.run import execute
+    from fl.server import RunStopped
+
     fresh_dir, resume = run_dir, None
     try:
         if cfg.get("resume"):
@@ -64,6 +71,10 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         shutil.rmtree(fresh_dir, ignore_errors=True)
         sys.exit(2)
+    except RunStopped as stopped:  # a second signal while the config was being checked
+        shutil.rmtree(fresh_dir, ignore_errors=True)
+        print("stopped before round 1; nothing was kept", file=sys.stderr)
+        sys.exit(128 + stopped.signum)
     if resume is None:
         Path(run_dir, CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     else:
@@ -141,11 +152,12 @@ def _any_round_logged(run_dir: str) -> bool:
 def cli(argv: list[str] | None = None) -> None:
     """``python -m fl.simulate``: runs ``main``; an error Hydra raises before the run starts (bad
     command line, bad config file, unusable run directory) becomes one line and exit status 2."""
+    global _started
+    _started = False
+    saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing its own report
-    global _started
-    _started = False
     try:
         main()
     except Exception as exc:
@@ -153,6 +165,12 @@ def cli(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {hydra_error(exc, sys.argv[1:])}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        sys.argv = saved_argv
+        if saved_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_env
 
 
 def hydra_error(exc: BaseException, args: list[str]) -> str:
@@ -179,10 +197,11 @@ def hydra_error(exc: BaseException, args: list[str]) -> str:
         parent = getattr(cause, "parent_node", None)
         if "not in struct" in str(cause) and parent is not None:
             where = key.rpartition(".")[0] or "the config"
-            return f"{key}: unknown key; {where} takes: {', '.join(str(k) for k in parent)}"
+            keys = [str(k) for k in parent if k != "hydra"]
+            return f"{key}: unknown key; {where} takes: {', '.join(keys)}"
         return f"{key}: {str(cause).splitlines()[0]}; see python -m fl.simulate --cfg job for every key"
     if isinstance(exc, ConfigCompositionException):
-        first = str(exc).splitlines()[0]
+        first = str(exc).splitlines()[0].rstrip(".")
         quoted = first.split("'")
         key = quoted[1] if len(quoted) > 2 else "overrides"
         return f"{key}: {first}; see python -m fl.simulate --cfg job for every key"
@@ -194,8 +213,16 @@ def hydra_error(exc: BaseException, args: list[str]) -> str:
         key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in args) else "hydra.run.dir"
         return (f"{key}: cannot create the run directory {exc.filename} ({exc.strerror}); "
                 f"choose a writable directory, e.g. {key}=runs/my_run")
-    return f"overrides: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; " \
-           "see python -m fl.simulate --help"
+    what = str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
+    keyless = next((a for a in args if a.lstrip("+~").startswith("=")), None)
+    if keyless is not None:
+        return f"{keyless}: an override needs a key before '='; write key=value, e.g. rounds=5"
+    culprit = _group_override(args)
+    if culprit is not None:  # e.g. plugins=5: a config group takes an option name (or a list of them)
+        group, value = culprit
+        return f"{group}: {value!r} is not an option of the config group ({what}); allowed: " \
+               f"{', '.join(_group_options(group))}"
+    return f"overrides: {what}; see python -m fl.simulate --help"
 
 
 def _malformed_override(args: list[str]) -> str | None:
@@ -209,6 +236,15 @@ def _malformed_override(args: list[str]) -> str | None:
             parser.parse_override(arg)
         except Exception:
             return arg
+    return None
+
+
+def _group_override(args: list[str]) -> tuple[str, str] | None:
+    """The first ``group=value`` override whose value is no option name (a number, an empty group)."""
+    for arg in args:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if eq and key and _group_options(key) and not (value.isidentifier() or value.startswith("[")):
+            return key, value
     return None
 
 
