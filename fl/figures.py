@@ -39,6 +39,13 @@ def series_style(i: int) -> dict:
     return {"color": COLOURS[i % n], "marker": MARKERS[i % n], "linestyle": LINESTYLES[i % n]}
 
 
+def class_style(i: int) -> dict:
+    """Like ``series_style`` but distinct for many more series (classes): past eight, the marker
+    shifts against the colour, so class 8 is not drawn like class 0."""
+    n = len(COLOURS)
+    return {"color": COLOURS[i % n], "marker": MARKERS[(i + i // n) % n]}
+
+
 def new_figure(width: float = 6.4, height: float = 4.2, ncols: int = 1, nrows: int = 1, **kwargs):
     """A figure and its axes (an array of axes when there is more than one)."""
     return plt.subplots(nrows, ncols, figsize=(width, height), dpi=DPI, **kwargs)
@@ -189,7 +196,7 @@ def margin_boxes(models: Mapping[str, FeatureGeometry], class_names: Sequence[st
     methods); models differ by hatching and edge colour. A margin below zero is a misclassified
     sample; the dashed line at zero is the decision boundary."""
     classes = _shown_classes(models, class_names, max_classes)
-    fig, ax = new_figure(max(5.0, 0.55 * len(classes) * max(1, len(models)) + 1.5), 4.2)
+    fig, ax = new_figure(min(13.0, max(5.0, 0.5 * len(classes) * max(1, len(models)) + 1.5)), 4.4)
     width = 0.8 / max(1, len(models))
     hatches = ("", "///", "...", "xx", "\\\\", "oo")
     handles = []
@@ -229,12 +236,12 @@ def geometry_shift(before: FeatureGeometry, after: FeatureGeometry, class_names:
     quadrants off the main ones are the samples that flipped (right -> wrong, wrong -> right)."""
     if len(before) != len(after) or not np.array_equal(before.labels, after.labels):
         raise ValueError("geometry_shift compares two measurements of the same samples")
-    fig, (left, right) = new_figure(11.0, 4.6, ncols=2)
+    fig, (left, right) = new_figure(11.0, 5.2, ncols=2)
     for i, c in enumerate(_shown_classes({"": before}, class_names, max_classes)):
         mask = before.labels == c
         start = (np.nanmean(before.angle[mask]), np.nanmean(before.length[mask]))
         end = (np.nanmean(after.angle[mask]), np.nanmean(after.length[mask]))
-        style = series_style(i)
+        style = class_style(i)
         left.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "->", "color": style["color"], "lw": 1.2})
         left.plot(*start, marker=style["marker"], color=style["color"], markerfacecolor="none", linestyle="")
         left.plot(*end, marker=style["marker"], color=style["color"], linestyle="", label=class_names[c])
@@ -242,7 +249,7 @@ def geometry_shift(before: FeatureGeometry, after: FeatureGeometry, class_names:
     left.set_ylabel(LENGTH_LABEL + ", class mean")
     left.set_title(f"class means: {before_name} (hollow) -> {after_name} (filled)", fontsize="medium")
     left.grid(True, alpha=0.3)
-    left.legend(loc="best", fontsize="x-small", ncols=2)
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="x-small", ncols=5, frameon=False)
     groups = {SHIFT_GROUPS[0]: before.correct & after.correct, SHIFT_GROUPS[1]: ~before.correct & ~after.correct,
               SHIFT_GROUPS[2]: before.correct & ~after.correct, SHIFT_GROUPS[3]: ~before.correct & after.correct}
     finite = np.isfinite(before.margin) & np.isfinite(after.margin)
@@ -261,7 +268,7 @@ def geometry_shift(before: FeatureGeometry, after: FeatureGeometry, class_names:
     right.set_ylabel(f"margin, {after_name} model (feature units)")
     right.set_title("per-sample margin (< 0: misclassified)", fontsize="medium")
     right.grid(True, alpha=0.3)
-    right.legend(loc="best", fontsize="x-small")
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="x-small", ncols=3, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -315,10 +322,10 @@ def accuracy_tradeoff(series: Mapping[str, Sequence[TradeoffPoint]], *, title: s
         for ax, x in ((axes[0], [p.size_bytes / 1024 for p in points]), (axes[1], [p.macs / 1e6 for p in points])):
             y = [100.0 * p.accuracy for p in points]
             ax.plot(x, y, label=name, markersize=6, linewidth=1.3, **style)
-            for xi, yi, p in zip(x, y, points):
-                if p.label:
-                    ax.annotate(p.label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize="x-small",
-                                color=style["color"])
+            for k, (xi, yi, p) in enumerate(zip(x, y, points)):
+                if p.label:  # alternate sides: points of one series may share a place (unstructured sizes)
+                    ax.annotate(p.label, (xi, yi), textcoords="offset points", xytext=(5, 4 if k % 2 else -10),
+                                fontsize="x-small", color=style["color"])
     axes[0].set_xlabel("serialized model size (KiB)")
     axes[1].set_xlabel("multiply-accumulates per image (millions)")
     for ax in axes:

@@ -115,7 +115,7 @@ def html_report(summary: Mapping[str, Any], explanation, dataset, *, per_categor
              "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:.5em 0}"
              "td,th{border:1px solid #bbb;padding:2px 8px;text-align:right}figure{margin:4px 0}"
              "img{max-width:100%;height:auto}"
-             ".e{color:#0072b2}.d{color:#d55e00}</style></head><body>",
+             ".e{color:#2a8fc9}.d{color:#c98500}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p>{summary['explained']} of {summary['evaluated']} evaluated samples explained (edge wrong, "
              f"{html.escape(summary['reference'])} right); accuracy "
@@ -135,10 +135,10 @@ def html_report(summary: Mapping[str, Any], explanation, dataset, *, per_categor
                          ["class", "concepts (share of explained samples)"])]
     for name, (header, rows) in (studies or {}).items():
         parts += [f"<h2>{html.escape(name)}</h2>", _table(rows, header)]
-    parts.append("<h2>Examples</h2><p>Per explained sample: the input, the edge model's and the DELTA's "
+    parts.append("<h2 id='examples'>Examples</h2><p>Per explained sample: the input, the edge model's and the DELTA's "
                  "GradCAM++ maps with their regions outlined, and both regions on the input.</p>")
     for category, (image, records) in examples(explanation, dataset, per_category, drawn).items():
-        parts += [f"<h3>{category}</h3>", f"<figure>{_img_tag(image, category)}</figure>",
+        parts += [f"<h3 id='{category}'>{category}</h3>", f"<figure>{_img_tag(image, category)}</figure>",
                   _table([_record_row(r, explanation.class_names) for r in records], _record_header(explanation))]
     parts.append("</body></html>")
     return "\n".join(parts)
