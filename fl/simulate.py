@@ -165,6 +165,9 @@ def cli(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {hydra_error(exc, sys.argv[1:])}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before main installed its handlers (while Python and Hydra start)
+        print("stopped before round 1; nothing was kept", file=sys.stderr)
+        sys.exit(130)
     finally:
         sys.argv = saved_argv
         if saved_env is None:
