@@ -49,7 +49,9 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--runs", nargs="+", type=Path, metavar="DIR", help="draw these finished runs, run nothing")
     parser.add_argument("--levels", default=",".join(f"{v:g}" for v in DEFAULT_LEVELS),
                         help="comma-separated accuracies for the MiB-to-reach tables (default %(default)s)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.command = "python -m fl.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def parse_levels(text: str) -> list[float]:
@@ -91,6 +93,7 @@ def compare(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; choose another folder, or draw the runs in it "
                                    f"with --from {out}")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     run_dirs = [out / f"{i}_{arm.name}" for i, arm in enumerate(arms)]
     print(f"comparison sim={args.sim}: {len(arms)} arms ({', '.join(a.name for a in arms)}) -> {out}", flush=True)
@@ -103,6 +106,8 @@ def compare(args) -> int:
             run_arm(command, arm, run_dir)
         except ArmFailed as failed:
             clear_outputs(out)
+            if created and not any(out.iterdir()):  # the first arm stopped before its run folder was kept
+                out.rmdir()
             if failed.returncode in (128 + 2, 128 + 15):  # stopped by SIGINT / SIGTERM: its own line said how to resume
                 print(f"comparison stopped during arm {arm.name}; no charts or table written", file=sys.stderr)
                 return failed.returncode
@@ -110,7 +115,7 @@ def compare(args) -> int:
                                                  f"no charts or table written)") from None
         print(f"[{i}/{len(arms)}] {arm.name}: {_summary_line(run_dir)}, {time.time() - arm_started:.0f} s", flush=True)
     runs = load_runs(run_dirs, labels=[arm.name for arm in arms])
-    header = (f"`python -m fl.compare {shlex.join(sys.argv[1:])}` (sim={args.sim}; {time.time() - started:.0f} s "
+    header = (f"`{args.command}` (sim={args.sim}; {time.time() - started:.0f} s "
               f"for all arms); runs: " + ", ".join(f"`{d.name}`" for d in run_dirs) + "\n\n")
     return finish(runs, out, levels, header, f"sim={args.sim}: ")
 
@@ -131,7 +136,7 @@ def draw_finished(args, levels: list[float]) -> int:
         raise ConfigError("--out", f"{out} is not a directory")
     clear_outputs(out)
     runs = load_runs(dirs)
-    header = f"`python -m fl.compare {shlex.join(sys.argv[1:])}`; runs: " + \
+    header = f"`{args.command}`; runs: " + \
              ", ".join(f"`{run.label}` = `{run.path}`" for run in runs) + "\n\n"
     return finish(runs, out, levels, header)
 

@@ -118,6 +118,8 @@ def run_arm(command: Sequence[str], arm: Arm, run_dir: Path, stderr: TextIO | No
             signal.signal(signal.SIGTERM, previous)
         reader.join()
     if returncode == 0:
+        for line in errors.lines:  # it finished after all: what it said was not fatal
+            sink.write(f"{_ErrorLines.PREFIX}{line}\n")
         return
     message = errors.lines[-1] if errors.lines else _error_file_line(run_dir) or f"exit status {returncode}"
     raise ArmFailed(arm, returncode, message)
