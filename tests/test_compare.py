@@ -198,6 +198,7 @@ def test_no_runs_found(tmp_path, capsys):
     (["--arms", "delta,nope"], "error: --arms: unknown arm 'nope'; allowed: delta, fedavg_base, fedavg_edge"),
     (["--sim", "nope"], "error: --sim: unknown preset 'nope'"),
     (["roundz=3"], "error: overrides: Could not override 'roundz'"),
+    (["model.construction.train.epochs=5"], "error: arm fedavg_edge: Could not override 'model.construction"),
     (["--levels", "0.5,1.5"], "error: --levels: accuracies must be in (0, 1]"),
     (["--from", "x", "rounds=3"], "error: --from: draws finished runs"),
     (["--bogus"], "error: unrecognized arguments: --bogus"),

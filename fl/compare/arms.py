@@ -78,8 +78,8 @@ def plan_arms(sim: str, arms: Sequence[str] | None, overrides: Sequence[str]) ->
     if len(set(chosen)) != len(chosen) or not chosen:
         raise ConfigError("--arms", f"name each arm once, got {','.join(chosen) or 'none'}")
     planned = [Arm(name, key) for name in chosen]
-    for arm in planned:
-        _compose([*base, arm.override])
+    for arm in planned:  # an override that only some arms' configs have fails here, naming the arm
+        _compose([*base, arm.override], key=f"arm {arm.name}")
     return planned
 
 
@@ -182,7 +182,7 @@ def _error_file_line(run_dir: Path) -> str:
     return f"{lines[0]} (see {path})" if lines else ""
 
 
-def _compose(overrides: Sequence[str], return_hydra_config: bool = False):
+def _compose(overrides: Sequence[str], return_hydra_config: bool = False, key: str = "overrides"):
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -192,4 +192,4 @@ def _compose(overrides: Sequence[str], return_hydra_config: bool = False):
             return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
-        raise ConfigError("overrides", " ".join(lines[:3])) from None
+        raise ConfigError(key, " ".join(lines[:3])) from None
