@@ -169,7 +169,7 @@ def test_the_scatter_draws_one_point_per_evaluated_sample():
     geo = measure(model, _batches(x, y, 40))
     images, drawn = class_views({"model": geo}, [f"c{c}" for c in range(5)], 10, "model")
     assert drawn == len(geo) == 150
-    assert set(images) == {"angle_length", "margin"}
+    assert set(images) == {"angle_vs_length", "margin_by_class"}
     for image in images.values():
         assert_picture(image)
     _, drawn = class_views({"model": geo}, [f"c{c}" for c in range(5)], 2, "model")
@@ -193,9 +193,11 @@ def test_plugin_figures_in_tensorboard_and_the_run_directory(tmp_path):
     events = EventAccumulator(str(run_dir), size_guidance={IMAGES: 0, SCALARS: 0}).Reload()
     p = "plugin/geometry/"
     steps = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
-    assert steps[p + "global/angle_length"] == steps[p + "global/margin"] == [0, 1, 2]
+    assert steps[p + "global/angle_vs_length"] == steps[p + "global/margin_by_class"] == [0, 1, 2]
     assert steps[p + "client1/shift"] == [1, 2]
-    assert steps[p + "compressed/angle_length"] == steps[p + "compressed/margin"] == [2]  # the compression's round
+    assert steps[p + "compressed/angle_vs_length"] == steps[p + "compressed/margin_by_class"] == [2]  # compression's
+    # TensorBoard files a tag under one kind: an image sharing a histogram's or scalar's tag would not show
+    assert not set(steps) & (set(events.Tags()["histograms"]) | set(events.Tags()["scalars"]))
     assert steps["plugin/compression/tradeoff"] == [2]
     for tag, tag_steps in steps.items():
         plugin, key = tag.split("/", 2)[1:]

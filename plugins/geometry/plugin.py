@@ -25,9 +25,10 @@ Figures (``figures: true``; ``plugins.geometry.views``, drawn by ``fl.figures``)
 round, as TensorBoard images ``plugin/geometry/...`` and PNGs under ``images/geometry/`` in the run
 directory (the run logger writes both):
 
-    global/angle_length, global/margin    the paper's per-class views of the global model
+    global/angle_vs_length, global/margin_by_class
+                                          the paper's per-class views of the global model
     client<p>/shift                       a chosen client's model against the global one
-    compressed/angle_length, compressed/margin
+    compressed/angle_vs_length, compressed/margin_by_class
                                           with the ``compression`` plugin also on (its options
                                           arrive as ``compression``): the global model beside its
                                           float compressed copies (pruned, fp16), as in the paper's

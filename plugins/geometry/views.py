@@ -2,9 +2,11 @@
 views of angle, length and margin that the paper compares across pruning methods), drawn by
 ``fl.figures`` from ``Geometry`` measurements and returned as RGB arrays for the run's Report.
 
-    angle_length   per-class scatter of angle to W_y against feature length, right and wrong apart
-    margin         per-class box plots of the signed margin
-    shift          a client's model against the global one on the same samples
+    angle_vs_length   per-class scatter of angle to W_y against feature length, right and wrong apart
+    margin_by_class   per-class box plots of the signed margin
+    shift             a client's model against the global one on the same samples
+(The names differ from the plugin's histogram tags, ``global/margin`` among them: TensorBoard
+files a tag under one kind only, and an image sharing a histogram's tag does not show.)
 Given several models (dense and compressed), the scatter stacks them and the box plots group them
 per class, on shared axes.
 """
@@ -32,7 +34,7 @@ def class_views(models: Mapping[str, Geometry], class_names: Sequence[str], max_
     scatter = figures.angle_length_scatter(points, class_names, max_classes=max_classes)
     drawn = figures.scatter_points(scatter)
     margin = figures.margin_boxes(points, class_names, max_classes=max_classes, title=f"margin per class, {title}")
-    return {"angle_length": figures.to_rgb(scatter), "margin": figures.to_rgb(margin)}, drawn
+    return {"angle_vs_length": figures.to_rgb(scatter), "margin_by_class": figures.to_rgb(margin)}, drawn
 
 
 def shift_view(before: Geometry, after: Geometry, class_names: Sequence[str], max_classes: int,
