@@ -22,6 +22,7 @@ LAUNCHED_AT = time.time()  # noqa: E402  (first thing: the start-up benchmark me
 import logging  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -85,13 +86,12 @@ def _run(cfg: DictConfig, run_dir: str, stop) -> None:
     try:
         summary = execute(server, engine, launched_at=LAUNCHED_AT, resume=resume, faults=faults, stop=stop)
     except RunStopped as stopped:
-        if stopped.round == 0 and resume is None:  # nothing to resume: leave nothing behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-            print("stopped before round 1 finished; nothing was kept (run it again to start over)", file=sys.stderr)
-        else:
-            print(f"stopped at round {stopped.round}; resume with: python -m fl.simulate resume={run_dir}",
-                  file=sys.stderr)
-        sys.exit(128 + stopped.signum)
+        _stopped(run_dir, stopped.round, stopped.signum, fresh=resume is None)
+    except SystemExit as exc:  # Ray's own SIGTERM handler (ray.init installs it over ours) exits at once
+        if exc.code != signal.SIGTERM or engine.name != "ray":
+            Path(run_dir, ERROR_FILE).write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
+            raise
+        _stopped(run_dir, stop.checkpointed, signal.SIGTERM, fresh=resume is None)
     except ConfigError as exc:  # found once the run had started: a plugin's options or its check
         print(f"error: {exc}", file=sys.stderr)
         if resume is None and not _any_round_logged(run_dir):
@@ -110,6 +110,16 @@ def _run(cfg: DictConfig, run_dir: str, stop) -> None:
           f"{summary['rounds']} rounds, engine {engine.name}: accuracy {summary['final_accuracy']:.4f} "
           f"(best {summary['best_accuracy']:.4f}), up {summary['cum_up_bytes'] / 2**20:.2f} MiB, "
           f"down {summary['cum_down_bytes'] / 2**20:.2f} MiB, {summary['wall_s']:.1f} s -> {run_dir}")
+
+
+def _stopped(run_dir: str, round: int, signum: int, *, fresh: bool) -> None:
+    """The one line for a run stopped by a signal, and exit status 128 + the signal."""
+    if round == 0 and fresh:  # nothing to resume: leave nothing behind
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print("stopped before round 1 finished; nothing was kept (run it again to start over)", file=sys.stderr)
+    else:
+        print(f"stopped at round {round}; resume with: python -m fl.simulate resume={run_dir}", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 def resumed_run(run_dir: str):
