@@ -20,8 +20,8 @@ import os
 import shutil
 import signal
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -145,14 +145,13 @@ class RoundReporter:
         self.eval_metrics: dict[str, float] = {}
         self.rows: list[dict[str, Any]] = []
         self.offset = 0  # rounds already done before this process (a resumed run)
-        self.checkpointed = 0  # the last round whose checkpoint is in place
         self.initial: tuple[ArrayRecord, Any, float] | None = None  # round 0, reported after round 1
         if resumed is not None:
             self.cum_up, self.cum_down, self.rows = resumed["cum_up"], resumed["cum_down"], list(resumed["rows"])
             self.cum_sim_s = resumed.get("cum_sim_s", 0.0)
             self.offset = int(resumed["round"])
             self.started -= float(resumed["wall_s"])
-        self.checkpointed = self.offset
+        self.checkpointed = self.offset  # the last round whose checkpoint is in place
         self.bar = tqdm(total=spec.rounds, initial=self.offset, desc="rounds", unit="round", disable=not spec.progress,
                         dynamic_ncols=True)
 
@@ -163,7 +162,7 @@ class RoundReporter:
 
     def record_train(self, aggregate):
         def wrapped(server_round, replies):
-            kill_point(f"aggregate:{server_round + self.offset}")  # test hook: mid-round, replies in hand
+            kill_point(f"aggregate:{server_round}")  # test hook: mid-round, replies in hand (absolute round)
             arrays, metrics = aggregate(server_round, replies)
             self.train_metrics = dict(metrics or {})
             return arrays, metrics

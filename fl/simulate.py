@@ -47,11 +47,12 @@ def main(cfg: DictConfig) -> None:
     if not cfg.get("verbose", False):  # after the imports: importing flwr resets its logger's level
         logging.getLogger("flwr").setLevel(logging.ERROR)
 
+    overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+").partition("=")[0] != "resume"]
     with StopRequest().installed() as stop:
-        _run(cfg, run_dir, stop)
+        _run(cfg, run_dir, stop, overrides)
 
 
-def _run(cfg: DictConfig, run_dir: str, stop) -> None:
+def _run(cfg: DictConfig, run_dir: str, stop, overrides: list[str]) -> None:
     """Check the config (or the run to resume), run it, and turn what stops it into one line."""
     from fl.checkpoint import kill_point, remove_checkpoint
     from fl.config import build
@@ -62,7 +63,7 @@ def _run(cfg: DictConfig, run_dir: str, stop) -> None:
     fresh_dir, resume = run_dir, None
     try:
         if cfg.get("resume"):
-            resumed = resumed_run(str(cfg.resume))
+            resumed = resumed_run(str(cfg.resume), overrides)
             if resumed is None:  # complete already
                 shutil.rmtree(fresh_dir, ignore_errors=True)
                 return
@@ -122,9 +123,10 @@ def _stopped(run_dir: str, round: int, signum: int, *, fresh: bool) -> None:
     sys.exit(128 + signum)
 
 
-def resumed_run(run_dir: str):
+def resumed_run(run_dir: str, overrides: list[str] = ()):
     """The stored config, the run directory and its last complete checkpoint (ConfigError if none);
-    None, after saying so, when the run is complete already."""
+    None, after saying so, when the run is complete already. ``overrides`` (the command line's
+    besides ``resume``) are refused: a resumed run is its stored config, or it would not be the same run."""
     from fl.checkpoint import load_checkpoint, remove_checkpoint
     from fl.results import outputs_complete
 
@@ -132,6 +134,9 @@ def resumed_run(run_dir: str):
     if not (path / CONFIG_FILE).is_file():
         raise ConfigError("resume", f"{path} is not a run directory (no {CONFIG_FILE}); give the directory of a "
                                     "run started by python -m fl.simulate")
+    if overrides:
+        raise ConfigError("resume", f"a resumed run continues with its stored {CONFIG_FILE}; drop "
+                                    f"{' '.join(overrides)} (or start a new run with them)")
     cfg = OmegaConf.load(path / CONFIG_FILE)
     if outputs_complete(path):
         if cfg.get("keep_checkpoint") is False:  # killed between the final outputs and the clean-up

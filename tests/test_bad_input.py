@@ -70,6 +70,7 @@ CASES = [  # (overrides, the key the error line names, a fragment of the line)
     (["data.partition.name=nope"], "data.partition.name", "allowed: dirichlet, iid, shards"),
     (["strategy=feddst", "strategy.sparsity=1.5"], "strategy.sparsity", ""),
     (["resume=/nonexistent/run"], "resume", "not a run directory"),
+    (["resume=tests"], "resume", "not a run directory"),
     # plugins: refused before round 1, by their constructor or their run-start check
     (["plugins=[update_norms]", "+plugins.update_norms.nosuch=1"], "plugins.update_norms", "it takes: per_layer"),
     (["plugins=[geometry]", "plugins.geometry.samples=0"], "plugins.geometry", ">= 1"),
@@ -128,6 +129,23 @@ def test_a_run_directory_that_cannot_be_created(tmp_path, capfd, where):
     code, err = _cli_in_process([*BASE, f"hydra.run.dir={run_dir}"], capfd)
     assert code == 2
     assert _one_error_line(err).startswith(f"error: hydra.run.dir: cannot create the run directory {run_dir}")
+
+
+def test_resume_with_other_overrides_is_refused_and_changes_nothing(tmp_path, capfd):
+    """A resumed run is its stored config: an override beside resume= would be ignored, so it is refused."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("rounds: 3\n")
+    (run_dir / "summary.json").write_text("{}")
+    (run_dir / "final_model.pt").write_bytes(b"x")
+    (run_dir / "checkpoint.pt").write_bytes(b"x")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir())
+    code, err = _cli_in_process([f"resume={run_dir}", "rounds=10", f"hydra.run.dir={tmp_path / 'fresh'}"], capfd)
+    assert code == 2
+    assert _one_error_line(err).startswith("error: resume: a resumed run continues with its stored config.yaml; "
+                                           "drop rounds=10")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir()) == before
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_the_stopped_hydra_errors_leave_the_process_as_it_was(tmp_path, capfd):
