@@ -401,14 +401,16 @@ def test_designed_weakness_points_at_the_part():
 
 
 def test_the_plugin_explains_the_final_model_of_a_delta_run(tmp_path):
-    """plugins=[xdelta] at the end of a (tiny) DELTA run: the report lands in the run directory
-    through the run's logger, and the categories cover the explained samples."""
+    """plugins=[xdelta,geometry] at the end of a (tiny) DELTA run, as the README's headline command:
+    the report lands in the run directory through the run's logger, the categories cover the
+    explained samples, and TensorBoard holds both plugins' pictures."""
     from tests.helpers import run_inprocess
     from tests.test_delta_strategy import TINY
 
     summary, run_dir = run_inprocess(tmp_path / "run", [
         "sim=delta_100clients", "num_clients=4", "fraction_fit=0.5", "rounds=1", f"model.cache_dir={tmp_path}/cache",
-        "plugins=[xdelta]", "plugins.xdelta.samples=64", "plugins.xdelta.opportunistic=false", "tensorboard=true", *TINY])
+        "plugins=[xdelta,geometry]", "plugins.xdelta.samples=64", "plugins.xdelta.opportunistic=false",
+        "plugins.geometry.samples=32", "tensorboard=true", *TINY])
     assert summary["status"] == "complete"
     html_text = (run_dir / "xdelta_report.html").read_text(encoding="utf-8")
     assert html_text.lstrip().lower().startswith("<!doctype html") or "<html" in html_text[:200].lower()
@@ -430,6 +432,9 @@ def test_the_plugin_explains_the_final_model_of_a_delta_run(tmp_path):
     for category in shown:
         assert_picture(image_path(run_dir, "xdelta", f"examples/{category}", 1).read_bytes())
     assert _embedded_pngs(html_text) == len(shown)
+    assert {"plugin/geometry/global/angle_vs_length", "plugin/geometry/global/margin_by_class"} <= set(events.Tags()["images"])
+    assert_picture(image_path(run_dir, "geometry", "global/angle_vs_length", 1).read_bytes())
+    assert [e.value for e in events.Scalars("plugin/geometry/global/scatter_points")] == [32.0, 32.0]  # rounds 0, 1
 
 
 def test_the_plugin_refuses_a_delta_map_size_that_no_layer_has_before_round_1(tmp_path):
