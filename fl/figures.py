@@ -5,6 +5,11 @@ Every figure carries axis labels with units and a legend; series are told apart 
 line style as well as colour (``series_style``), so a greyscale print still separates them.
 A figure leaves this module either as a PNG file (``save_png``) or as an RGB array for
 TensorBoard's image tab (``to_rgb``); both close it.
+
+What the plugins draw here:
+    angle_length_scatter, margin_boxes, geometry_shift   last-layer geometry (plugin geometry)
+    accuracy_tradeoff                                     accuracy vs size and MACs (plugin compression)
+    map_examples                                          GradCAM++ maps and regions (plugin xdelta)
 """
 
 from __future__ import annotations

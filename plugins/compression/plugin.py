@@ -38,9 +38,9 @@ logs as ``structured_25pct``), the figure of accuracy against serialized size an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import csv
 import io
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
