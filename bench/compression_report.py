@@ -10,7 +10,9 @@ tables: the totals, and accuracy at each round against cumulative uploaded MiB.
     python bench/compression_report.py --codecs dense_fp32 int8 --rounds 5 --jobs 1
 
 Each codec runs in its own process (``--jobs`` at a time, default 2 on this 2-core machine).
-Last, the ``compression`` plugin's before/after table for the dense run's final global model.
+Last, the ``compression`` plugin's before/after table for the dense run's final global model;
+``--sweep 0.25 0.75`` adds pruning ratios to it and ``--figure tradeoff.png`` draws its accuracy
+against size and MACs (``fl.figures.accuracy_tradeoff``, as the plugin logs it).
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ def main() -> None:
                         help="skip the compression plugin's table for the dense run's final model")
     parser.add_argument("--finetune-epochs", type=int, default=1,
                         help="fine-tuning epochs after pruning for that table (on 1000 training images)")
+    parser.add_argument("--sweep", type=float, nargs="*", default=[],
+                        help="more pruning ratios for that table (structured and unstructured at each)")
+    parser.add_argument("--figure", default=None, help="write that table's accuracy vs size/MACs figure here (PNG)")
     parser.add_argument("extra", nargs="*", help="further Hydra overrides for every run, e.g. model=resnet8")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,9 +145,16 @@ def model_compression_table(args: argparse.Namespace, run_dir: Path) -> str:
     final = ArrayRecord(torch.load(run_dir / "final_model.pt"))
     view = RunView(run_dir=str(run_dir), federation=federation, build_model=build_model, load_global=load,
                    num_rounds=args.rounds, initial_arrays=final)
-    plugin = ModelCompression(seed=args.seed, finetune_epochs=args.finetune_epochs)
+    plugin = ModelCompression(seed=args.seed, finetune_epochs=args.finetune_epochs, sweep=args.sweep)
     torch.set_num_threads(os.cpu_count() or 1)
-    return table(plugin.compare(view, final))
+    rows = plugin.compare(view, final)
+    if args.figure:
+        from fl import figures
+        from plugins.compression.plugin import tradeoff_series
+
+        figures.save_png(figures.accuracy_tradeoff(tradeoff_series(rows), title="compression of the final global model"),
+                         args.figure)
+    return table(rows)
 
 
 if __name__ == "__main__":
