@@ -176,7 +176,11 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         main()
     except Exception as exc:
-        if _started:  # the run's own failure: main wrote error.txt; the traceback is the report
+        from hydra.errors import HydraException
+
+        # The run's own failure (main wrote error.txt; the traceback is the report), unless Hydra
+        # found a bad input while composing a later job of a -m sweep.
+        if _started and not isinstance(exc, HydraException):
             raise
         print(f"error: {hydra_error(exc, sys.argv[1:])}", file=sys.stderr)
         sys.exit(2)
