@@ -284,14 +284,6 @@ def test_cli_writes_a_complete_report(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no temporary folder left
 
 
-@pytest.mark.parametrize("args, key", [
-    (["--pair-dir", "{tmp}/missing"], "--pair-dir"),
-    (["--pair-dir", "{pair}", "--delta", "nope"], "--delta"),
-    (["--pair-dir", "{pair}", "--threshold", "1.5"], "--threshold"),
-    (["--pair-dir", "{pair}", "--samples", "0"], "--samples"),
-    (["--pair-dir", "{pair}", "--delta-map-size", "-1"], "--delta-map-size"),
-    (["--pair-dir", "{pair}", "--delta-map-size", "64"], "--delta-map-size"),
-])
 def _embedded_pngs(html_text: str) -> int:
     """Decode every base64 PNG of an HTML report with Pillow; each must be a non-blank picture."""
     import base64
@@ -333,6 +325,14 @@ def test_example_figures_per_category_in_the_report_and_the_html(tmp_path):
     assert "zlib" not in inspect.getsource(render)  # PNGs come from Pillow (fl.figures.png_bytes)
 
 
+@pytest.mark.parametrize("args, key", [
+    (["--pair-dir", "{tmp}/missing"], "--pair-dir"),
+    (["--pair-dir", "{pair}", "--delta", "nope"], "--delta"),
+    (["--pair-dir", "{pair}", "--threshold", "1.5"], "--threshold"),
+    (["--pair-dir", "{pair}", "--samples", "0"], "--samples"),
+    (["--pair-dir", "{pair}", "--delta-map-size", "-1"], "--delta-map-size"),
+    (["--pair-dir", "{pair}", "--delta-map-size", "64"], "--delta-map-size"),
+])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, key):
     from fl.explain import main
 
