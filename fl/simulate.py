@@ -47,7 +47,8 @@ def main(cfg: DictConfig) -> None:
     if not cfg.get("verbose", False):  # after the imports: importing flwr resets its logger's level
         logging.getLogger("flwr").setLevel(logging.ERROR)
 
-    overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+").partition("=")[0] != "resume"]
+    task = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)  # as typed: ${...} unresolved
+    overrides = [o for o in task if o.lstrip("+").partition("=")[0] != "resume"]
     with StopRequest().installed() as stop:
         _run(cfg, run_dir, stop, overrides)
 
