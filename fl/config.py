@@ -96,6 +96,15 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
                     tensorboard=_bool(c, "tensorboard", True), progress=_bool(c, "progress", True),
                     checkpoint_every=_int(c, "checkpoint_every", minimum=0),
                     keep_checkpoint=_bool(c, "keep_checkpoint", False))
+    device = c.get("device") or {}
+    if not isinstance(device.get("profiles") or [], list):
+        raise ConfigError("device.profiles", f"must be a list of device profiles, got {device['profiles']!r}; "
+                                             "see sim_configs/device/edge_mix.yaml")
+    if device.get("deadline_s") is not None:
+        _float(device, "deadline_s", minimum=0.0, exclusive=True, prefix="device.")
+        if not device.get("profiles"):
+            raise ConfigError("device.deadline_s", "needs device profiles to time the clients against; "
+                                                   "choose them with device=edge_mix or set device.profiles")
     f = c.get("faults") or {}
     faults = FaultSpec(**{k: _fraction(f, k, allow_zero=True, prefix="faults.") for k in ("crash", "hang", "late", "nan")},
                        hang_seconds=_float(f, "hang_seconds", minimum=0.0, prefix="faults."),

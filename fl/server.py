@@ -35,6 +35,7 @@ from clients.dense import ClientData, TrainHyper, evaluate
 from fl.checkpoint import Checkpoint, kill_point, save_checkpoint
 from fl.clock import ClockSpec
 from fl.engine.metered import MeteredGrid
+from fl.errors import ConfigError
 from fl.hooks import Plugin, RunView
 from fl.keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.runlog import METRICS_FILE, RunLogger
@@ -315,7 +316,7 @@ def run_server(grid: Grid | None, spec: ServerSpec, plugins: list[Plugin], resum
     try:
         if resume is None:
             for plugin in plugins:
-                logger.log_report(plugin.name, plugin.on_run_start(view), 0)
+                logger.log_report(plugin.name, _run_start(plugin, view), 0)
         final = initial
         if done_rounds < spec.rounds:
             result = runner.start(grid=metered, initial_arrays=initial, num_rounds=spec.rounds - done_rounds,
@@ -331,6 +332,17 @@ def run_server(grid: Grid | None, spec: ServerSpec, plugins: list[Plugin], resum
     if finish_only(spec, resume):  # no engine ran: the control traffic is the killed run's
         control_bytes = int(resume.reporter.get("control_bytes", 0))
     return RunOutcome(final_arrays=final, rows=reporter.rows, control_bytes=control_bytes)
+
+
+def _run_start(plugin: Plugin, view: RunView):
+    """``on_run_start``: the plugin's check of the run before round 1; a ValueError there is a bad
+    option (e.g. geometry's clients beyond num_clients): a ConfigError naming the plugin."""
+    try:
+        return plugin.on_run_start(view)
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"plugins.{plugin.name}", str(exc)) from None
 
 
 def finish_only(spec: ServerSpec, resume: Checkpoint | None) -> bool:

@@ -76,6 +76,11 @@ CASES = [  # (overrides, the key the error line names, a fragment of the line)
     (["plugins=[geometry]", "plugins.geometry.samples=0"], "plugins.geometry", ">= 1"),
     (["plugins=[compression]", "plugins.compression.structured_ratio=1.5"], "plugins.compression", "[0, 1)"),
     (["plugins=[xdelta]"], "plugins", "model=delta"),
+    (["plugins=[geometry]", "plugins.geometry.clients=[99]"], "plugins.geometry", "not partitions"),
+    (["device.deadline_s=abc"], "device.deadline_s", "must be a number"),
+    (["device.deadline_s=5"], "device.deadline_s", "device=edge_mix"),
+    (["device=edge_mix", "device.deadline_s=-1"], "device.deadline_s", "must be > 0"),
+    (["device.profiles=5"], "device.profiles", "list"),
 ]
 
 
