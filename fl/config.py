@@ -176,8 +176,8 @@ def _data_spec(d: Mapping[str, Any], num_clients: int, seed: int) -> DataSpec:
     from fl.data import DATASETS
 
     name = str(d.get("name"))
-    DATASETS.get(name)
     options = {k: v for k, v in d.items() if k not in _DATA_KEYS}
+    _check_types(DATASETS.get(name), options, "data.")
     return DataSpec(name=name, num_clients=num_clients, seed=seed, partition=freeze(d.get("partition") or {}),
                     root=d.get("root"), options=freeze(options))
 
@@ -186,7 +186,7 @@ def _model_spec(m: Mapping[str, Any]) -> ModelSpec:
     from fl.models import MODELS
 
     name = str(m.get("name"))
-    MODELS.get(name)
+    _check_types(MODELS.get(name), {k: v for k, v in m.items() if k != "name"}, "model.")
     return ModelSpec(name=name, options=freeze({k: v for k, v in m.items() if k != "name"}))
 
 
@@ -197,9 +197,10 @@ def _plugin_spec(name: str, pc: Mapping[str, Any] | None) -> PluginSpec:
         cls = PLUGINS.get(name)
         target = f"{cls.__module__}.{cls.__qualname__}"
     try:
-        get_object(target)
+        cls = get_object(target)
     except Exception as exc:
         raise ConfigError(f"plugins.{name}._target_", f"cannot import {target!r} ({exc})") from None
+    _check_types(cls, pc, f"plugins.{name}.")
     return PluginSpec(name=name, target=target, options=freeze(pc))
 
 
@@ -249,6 +250,28 @@ def _strategy_factory(sc: Mapping[str, Any], flower_kwargs: dict[str, Any], our_
                                                                  f"{unexpected.group(1)!r}; see its docstring") from None
         raise ConfigError("strategy", f"{cls.__name__}: {exc}") from None
     return factory
+
+
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_types(fn: Callable[..., Any], options: Mapping[str, Any], prefix: str) -> None:
+    """Refuse an option whose value cannot be what ``fn``'s parameter is declared as (``int``,
+    ``float``, ``bool`` or ``str``; others are the callee's to check), e.g. data.difficulty=abc."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in options.items():
+        param = params.get(key)
+        kind = getattr(param.annotation, "__name__", param.annotation) if param is not None else None
+        if kind not in _KINDS or value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"int": number and float(value).is_integer(), "float": number, "bool": isinstance(value, bool),
+              "str": isinstance(value, str)}[kind]
+        if not ok:
+            raise ConfigError(prefix + key, f"must be {_KINDS[kind]}, got {value!r}")
 
 
 def _number(c: Mapping[str, Any], key: str, kind: type, prefix: str) -> Any:

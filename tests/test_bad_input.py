@@ -81,6 +81,13 @@ CASES = [  # (overrides, the key the error line names, a fragment of the line)
     (["device.deadline_s=5"], "device.deadline_s", "device=edge_mix"),
     (["device=edge_mix", "device.deadline_s=-1"], "device.deadline_s", "must be > 0"),
     (["device.profiles=5"], "device.profiles", "list"),
+    # an option of the wrong type for the dataset's, model's or plugin's declared parameter
+    (["data.difficulty=abc"], "data.difficulty", "must be a number"),
+    (["+model.width=abc"], "model.width", "must be a number"),
+    (["+model.hidden=2.5"], "model.hidden", "must be an integer"),
+    (["plugins=[geometry]", "plugins.geometry.every=abc"], "plugins.geometry.every", "must be an integer"),
+    (["plugins=[update_norms]", "plugins.update_norms.per_layer=maybe"], "plugins.update_norms.per_layer",
+     "true or false"),
 ]
 
 
