@@ -57,7 +57,7 @@ def _run(cfg: DictConfig, run_dir: str, stop, overrides: list[str]) -> None:
     """Check the config (or the run to resume), run it, and turn what stops it into one line."""
     from fl.checkpoint import kill_point, remove_checkpoint
     from fl.config import build
-    from fl.results import ERROR_FILE
+    from fl.results import ERROR_FILE, atomic_write_text
     from fl.run import execute
     from fl.server import RunStopped
 
@@ -79,7 +79,7 @@ def _run(cfg: DictConfig, run_dir: str, stop, overrides: list[str]) -> None:
         print("stopped before round 1; nothing was kept", file=sys.stderr)
         sys.exit(128 + stopped.signum)
     if resume is None:
-        Path(run_dir, CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        atomic_write_text(Path(run_dir, CONFIG_FILE), OmegaConf.to_yaml(cfg, resolve=True))
     else:
         shutil.rmtree(fresh_dir, ignore_errors=True)
         Path(run_dir, ERROR_FILE).unlink(missing_ok=True)  # a failure this attempt may repair
@@ -138,7 +138,12 @@ def resumed_run(run_dir: str, overrides: list[str] = ()):
     if overrides:
         raise ConfigError("resume", f"a resumed run continues with its stored {CONFIG_FILE}; drop "
                                     f"{' '.join(overrides)} (or start a new run with them)")
-    cfg = OmegaConf.load(path / CONFIG_FILE)
+    try:
+        cfg = OmegaConf.load(path / CONFIG_FILE)
+    except Exception as exc:
+        raise ConfigError("resume", f"{path / CONFIG_FILE} is unreadable ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''}); it is the run's "
+                                    "configuration, restore it or start the run again") from None
     if outputs_complete(path):
         if cfg.get("keep_checkpoint") is False:  # killed between the final outputs and the clean-up
             remove_checkpoint(path)

@@ -160,6 +160,15 @@ def test_resume_with_other_overrides_is_refused_and_changes_nothing(tmp_path, ca
     assert not (tmp_path / "fresh").exists()
 
 
+def test_resume_of_a_torn_config_is_one_line(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("seed: 0\nnum_clients: [4\n")
+    code, err = _cli_in_process([f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'fresh'}"], capfd)
+    assert code == 2
+    assert _one_error_line(err).startswith(f"error: resume: {run_dir / 'config.yaml'} is unreadable")
+
+
 def test_the_stopped_hydra_errors_leave_the_process_as_it_was(tmp_path, capfd):
     """cli() restores argv, HYDRA_FULL_ERROR and the signal handlers it changed (in-process callers)."""
     import os
