@@ -180,6 +180,7 @@ def cli(argv: list[str] | None = None) -> None:
         sys.argv = [sys.argv[0], *argv]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing its own report
     try:
+        _check_flags(sys.argv[1:])
         main()
     except Exception as exc:
         from hydra.errors import HydraException
@@ -199,6 +200,22 @@ def cli(argv: list[str] | None = None) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved_env
+
+
+def _check_flags(args: list[str]) -> None:
+    """Hydra's command-line parser (argparse) on ``args``: its errors (an unknown option, an option
+    after the overrides) as one line and exit 2 instead of a usage text."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        print(f"error: command line: {message}; options such as -m and --config-dir go before the overrides "
+              "(python -m fl.simulate --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_args(args)
 
 
 def hydra_error(exc: BaseException, args: list[str]) -> str:
@@ -242,6 +259,8 @@ def hydra_error(exc: BaseException, args: list[str]) -> str:
         return (f"{key}: cannot create the run directory {exc.filename} ({exc.strerror}); "
                 f"choose a writable directory, e.g. {key}=runs/my_run")
     what = str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
+    if "config directory" in what:  # e.g. --config-dir=/nonexistent
+        return f"--config-dir: {what}; give a directory that holds config groups (strategy/, data/, ...)"
     keyless = next((a for a in args if a.lstrip("+~").startswith("=")), None)
     if keyless is not None:
         return f"{keyless}: an override needs a key before '='; write key=value, e.g. rounds=5"

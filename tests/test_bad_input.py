@@ -31,6 +31,10 @@ CASES = [  # (overrides, the key the error line names, a fragment of the line)
     (["=3"], "=3", "needs a key"),
     (["+rounds=3"], "rounds", "already"),
     (["~nosuch"], "nosuch", "does not exist"),
+    (["--config-name=nosuch"], "--config-name", "no config 'nosuch'"),
+    (["--config-dir=/nonexistent/configs"], "--config-dir", "not found"),
+    (["-m", "strategy=fedavg,nosuch", "rounds=0"], "strategy", "unknown option 'nosuch'"),
+    (["hydra.job.chdir=maybe"], "hydra.job.chdir", "not a valid bool"),
     # keys the run would ignore
     (["+foo=1"], "foo", "unknown key; the run reads: seed"),
     (["+train.learning_rate=0.1"], "train.learning_rate", "unknown key; train takes"),
@@ -111,7 +115,9 @@ def _cli_in_process(args: list[str], capfd) -> tuple[int, str]:
 @pytest.mark.parametrize("overrides,key,fragment", CASES, ids=[" ".join(c[0]) for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_no_run_folder(tmp_path, capfd, overrides, key, fragment):
     run_dir = tmp_path / "run"
-    code, err = _cli_in_process([*BASE, *overrides, f"hydra.run.dir={run_dir}"], capfd)
+    flags = [a for a in overrides if a.startswith("-")]  # Hydra's options go before the overrides
+    code, err = _cli_in_process([*flags, *BASE, *[a for a in overrides if a not in flags],
+                                 f"hydra.run.dir={run_dir}"], capfd)
     assert code == 2
     line = _one_error_line(err)
     assert line.startswith(f"error: {key}: "), line
@@ -133,11 +139,24 @@ def test_yaml_error_in_a_users_config_file_names_the_file_and_line(tmp_path, cap
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize("where", ["under_a_file", "under_proc"])
+@pytest.mark.parametrize("args,fragment", [
+    (["rounds=1", "-m", "strategy=fedavg,feddst"], "unrecognized arguments"),
+    (["--nosuch"], "unrecognized arguments: --nosuch"),
+    (["--cfg", "nosuch"], "invalid choice"),
+])
+def test_hydras_command_line_parser_errors_are_one_line(tmp_path, capfd, args, fragment):
+    code, err = _cli_in_process([*args, f"hydra.run.dir={tmp_path / 'run'}"], capfd)
+    assert code == 2
+    line = _one_error_line(err)
+    assert line.startswith("error: command line: ") and fragment in line, line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file", "under_proc"])
 def test_a_run_directory_that_cannot_be_created(tmp_path, capfd, where):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    run_dir = a_file / "run" if where == "under_a_file" else "/proc/fl_simulate_run"
+    run_dir = {"under_a_file": a_file / "run", "a_file": a_file, "under_proc": "/proc/fl_simulate_run"}[where]
     code, err = _cli_in_process([*BASE, f"hydra.run.dir={run_dir}"], capfd)
     assert code == 2
     assert _one_error_line(err).startswith(f"error: hydra.run.dir: cannot create the run directory {run_dir}")
