@@ -21,7 +21,7 @@ from PIL import Image
 import fl.figures
 from fl.compare.__main__ import main
 from fl.compare.arms import _ErrorLines, plan_arms
-from fl.compare.outputs import OUTPUT_FILES, TABLE_MD, TOTAL_PNG, UP_PNG
+from fl.compare.outputs import OUTPUT_FILES, TABLE_MD, TOTAL_PNG, UP_PNG, symlog_threshold
 from fl.compare.runs import find_runs, load_runs
 from fl.compare.table import DEFAULT_LEVELS, NOT_REACHED, arm_stats
 from fl.errors import ConfigError
@@ -141,6 +141,11 @@ def test_draw_a_finished_sweep_writes_charts_and_a_table_that_match_the_logs(swe
     assert to_total["dense"] == ["16.00 (round 2)", "16.00 (round 2)", NOT_REACHED]
     assert f"]({UP_PNG})" in markdown and f"]({TOTAL_PNG})" in markdown
     assert "| cheap |" in capsys.readouterr().out
+
+
+def test_the_mib_axis_is_linear_up_to_the_smallest_traffic_and_logarithmic_above():
+    assert symlog_threshold({"a": ([0.0, 2.5, 30.0], [0.1] * 3), "b": ([0.0, 0.031], [0.1] * 2)}) == 0.01
+    assert symlog_threshold({"a": ([0.0], [0.1])}) == 1.0
 
 
 def test_runs_are_labelled_by_what_differs_when_no_arm_is_named(tmp_path):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from fl.compare.outputs import XSCALES
 from fl.compare.table import DEFAULT_LEVELS
 from fl.errors import ConfigError
 
@@ -47,6 +48,8 @@ def parse_args(argv: Sequence[str] | None):
                                                  "with --runs, for the outputs (default the runs' common parent)")
     parser.add_argument("--from", dest="sweep", type=Path, metavar="DIR", help="draw the finished runs under DIR, run nothing")
     parser.add_argument("--runs", nargs="+", type=Path, metavar="DIR", help="draw these finished runs, run nothing")
+    parser.add_argument("--xscale", choices=XSCALES, default="symlog",
+                        help="MiB axis: symlog (0 at the origin, logarithmic above the smallest traffic; default) or linear")
     parser.add_argument("--levels", default=",".join(f"{v:g}" for v in DEFAULT_LEVELS),
                         help="comma-separated accuracies for the MiB-to-reach tables (default %(default)s)")
     args = parser.parse_args(argv)
@@ -117,7 +120,7 @@ def compare(args) -> int:
     runs = load_runs(run_dirs, labels=[arm.name for arm in arms])
     header = (f"`{args.command}` (sim={args.sim}; {time.time() - started:.0f} s "
               f"for all arms); runs: " + ", ".join(f"`{d.name}`" for d in run_dirs) + "\n\n")
-    return finish(runs, out, levels, header, f"sim={args.sim}: ")
+    return finish(runs, out, levels, header, args.xscale, f"sim={args.sim}: ")
 
 
 def draw_finished(args, levels: list[float]) -> int:
@@ -138,13 +141,13 @@ def draw_finished(args, levels: list[float]) -> int:
     runs = load_runs(dirs)
     header = f"`{args.command}`; runs: " + \
              ", ".join(f"`{run.label}` = `{run.path}`" for run in runs) + "\n\n"
-    return finish(runs, out, levels, header)
+    return finish(runs, out, levels, header, args.xscale)
 
 
-def finish(runs, out: Path, levels: list[float], header: str, title: str = "") -> int:
+def finish(runs, out: Path, levels: list[float], header: str, xscale: str, title: str = "") -> int:
     from fl.compare.outputs import write_comparison
 
-    comparison = write_comparison(runs, out, levels=levels, header=header, title=title)
+    comparison = write_comparison(runs, out, levels=levels, header=header, title=title, xscale=xscale)
     print(comparison.table)
     print("wrote " + ", ".join(str(p) for p in comparison.files.values()))
     print(f"curves by bytes in TensorBoard: tensorboard --logdir {out}  (acc_vs_kib/up, acc_vs_kib/total)")

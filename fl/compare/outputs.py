@@ -9,6 +9,7 @@ failed comparison never leaves a result that looks finished.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ OUTPUT_FILES = (UP_PNG, TOTAL_PNG, TABLE_MD)
 AXES = {"up": ("cum_up_bytes",), "total": ("cum_up_bytes", "cum_down_bytes")}
 XLABELS = {"up": "cumulative uploaded MiB (all clients)", "total": "cumulative MiB uploaded + downloaded (all clients)"}
 YLABEL = "central test accuracy"
+XSCALES = ("symlog", "linear")
 
 Series = dict[str, tuple[list[float], list[float]]]
 
@@ -44,6 +46,14 @@ def accuracy_series(runs: Sequence[Run], axis: str) -> Series:
             for run in runs}
 
 
+def symlog_threshold(series: Series) -> float:
+    """The power of ten at or below the smallest positive x: the symlog axis is linear from 0 up to
+    it (round 0 sits at 0 MiB) and logarithmic above, so arms whose traffic differs by orders of
+    magnitude all stay readable."""
+    positive = [x for xs, _ in series.values() for x in xs if x > 0]
+    return 10.0 ** math.floor(math.log10(min(positive))) if positive else 1.0
+
+
 def clear_outputs(out_dir: str | os.PathLike) -> None:
     """Remove an earlier comparison's files from ``out_dir`` (they would describe other runs)."""
     for name in OUTPUT_FILES:
@@ -51,8 +61,9 @@ def clear_outputs(out_dir: str | os.PathLike) -> None:
 
 
 def write_comparison(runs: Sequence[Run], out_dir: str | os.PathLike, *, levels: Sequence[float] = DEFAULT_LEVELS,
-                     title: str = "", header: str = "") -> Comparison:
-    """Draw both charts and write the tables into ``out_dir``; returns the files and the drawn series."""
+                     title: str = "", header: str = "", xscale: str = "symlog") -> Comparison:
+    """Draw both charts and write the tables into ``out_dir``; returns the files and the drawn series.
+    ``xscale``: ``symlog`` (linear up to ``symlog_threshold``, logarithmic above) or ``linear``."""
     from fl.figures import line_chart, save_png  # matplotlib loads only when something is drawn
     from fl.results import atomic_write_text
 
@@ -63,8 +74,14 @@ def write_comparison(runs: Sequence[Run], out_dir: str | os.PathLike, *, levels:
     series = {axis: accuracy_series(runs, axis) for axis in AXES}
     files = {}
     for axis, name in (("up", UP_PNG), ("total", TOTAL_PNG)):
-        fig = line_chart(series[axis], xlabel=XLABELS[axis], ylabel=YLABEL,
+        xlabel = XLABELS[axis] + (", log scale above " + f"{symlog_threshold(series[axis]):g}" if xscale == "symlog" else "")
+        fig = line_chart(series[axis], xlabel=xlabel, ylabel=YLABEL,
                          title=f"{title}accuracy against {'uploaded' if axis == 'up' else 'total'} MiB")
+        if xscale == "symlog":
+            top = max((x for xs, _ in series[axis].values() for x in xs), default=1.0)
+            fig.axes[0].set_xscale("symlog", linthresh=symlog_threshold(series[axis]))
+            fig.axes[0].set_xlim(0, max(top, 1.0) * 1.3)
+            fig.tight_layout()
         files[axis] = Path(save_png(fig, out / name))
     text = (f"# Accuracy against communication\n\n{header}"
             f"{table}\n![accuracy against uploaded MiB]({UP_PNG})\n\n![accuracy against total MiB]({TOTAL_PNG})\n")
