@@ -44,7 +44,7 @@ from clients.trainer import TRAINER
 from fl.delta.network import FusedDelta, fuse, tier_model
 from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE, VAL_FRACTION, WIDTH,
                              WITH_FROZEN, blocks_for, download_layout, is_edge, is_trainable, same_keep,
-                             upload_layout, width_key)
+                             upload_layout, upload_sizes, width_key)
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, METRICS
 from fl.payload import State
@@ -245,21 +245,11 @@ class DeltaFactorized(FederatedStrategy):
             raise ConfigError("model", "the global arrays are not the fused model's state (use model=delta)")
         if not self._sizes_logged:
             self._sizes_logged = True
-            full = self.tier_sizes()[self.tiers[0]]
-            for width, (params, up) in self.tier_sizes().items():
+            sizes = upload_sizes(self.global_state, self.arch_json, self.tiers, self.up_codec)
+            full = sizes[self.tiers[0]]
+            for width, (params, up) in sizes.items():
                 log.info("DELTA tier %s: %s parameters (%.1f%%), %s bytes up per client and round (%.1f%%)",
                          width_key(width), f"{params:,}", 100 * params / full[0], f"{up:,}", 100 * up / full[1])
-
-    def tier_sizes(self) -> dict[float, tuple[int, int]]:
-        """Per tier: the DELTA parameters a client of that width trains and the bytes of its upload
-        (its slice as ``codec.up`` serializes it, without E)."""
-        out = {}
-        for width in self.tiers:
-            reference, keep = upload_layout(self.global_state, self.arch_json, width, False)
-            blocks = blocks_for(self.global_state, reference, keep)
-            out[width] = (sum(t.numel() for t in blocks.values()),
-                          self.up_codec.encode_slices(blocks, keep).count_bytes())
-        return out
 
     @property
     def arch_json(self) -> str:

@@ -21,6 +21,7 @@ from fl.delta.extract import (CONV_RATES, ExtractSettings, blocks_of, choose_dep
 from fl.delta.network import (DeltaArch, FusedDelta, delta_macs, delta_params, fnc_loss, group_lasso,
                               order_by_importance, tier_keep, tier_model, tier_shapes, tier_slice)
 from fl.delta.pair import PairSpec
+from fl.errors import ConfigError
 from fl.models import get_model, model_profile
 from fl.payload import keep_coordinates
 
@@ -394,3 +395,18 @@ def test_pretrain_command_prints_the_report_and_fills_the_cache(tmp_path, capsys
     assert "| edge + DELTA (fused) accuracy |" in out and "| P_D/B, F_D/B |" in out
     assert (tmp_path / "report.json").exists() and list(tmp_path.glob("pair-*/delta-*/fused.pt"))
     assert main(["sim=delta_100clients", "model=vgg8"]) == 2  # nothing to pretrain: a one-line error
+
+
+def test_a_server_split_of_another_difficulty_is_another_pair():
+    from fl.delta.pair import pair_directory, server_split
+
+    shifted = tiny_pair_spec(server_difficulty=0.0)
+    train, test = server_split(shifted)
+    same_train, same_test = server_split(tiny_pair_spec())
+    assert train.difficulty == 0.0 and same_train.difficulty == TINY_DATA["difficulty"]
+    assert test.difficulty == same_test.difficulty == TINY_DATA["difficulty"]  # the clients' task is unchanged
+    assert pair_directory(shifted, "c") != pair_directory(tiny_pair_spec(), "c")
+    with pytest.raises(ConfigError, match="model.pair.server_difficulty"):
+        tiny_pair_spec(server_difficulty=1.5)
+    with pytest.raises(ConfigError, match="model.pair.server_difficulty"):
+        tiny_pair_spec(server_difficulty=0.0, data={**TINY_DATA, "name": "mnist"})

@@ -121,6 +121,19 @@ def test_the_smallest_tier_uploads_at_most_a_fifth_of_the_full_tiers_bytes():
     assert sent[-1] <= 0.20 * sent[0], [round(b / sent[0], 3) for b in sent]
 
 
+def test_the_run_starts_by_logging_every_tiers_parameters_and_upload_bytes(caplog):
+    model = _model()
+    strategy = _strategy(model)
+    with caplog.at_level("INFO", logger="strategies.delta"):
+        _messages(strategy, model)
+        _messages(strategy, model, server_round=2)  # once per run, not per round
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DELTA tier")]
+    assert len(lines) == len(DEFAULT_TIERS)
+    for line, width in zip(lines, DEFAULT_TIERS):
+        params = delta_params(model.arch.scaled(width) if width < 1 else model.arch)
+        assert line.startswith(f"DELTA tier w{width:.3f}: {params:,} parameters")
+
+
 def test_the_client_trains_only_the_delta():
     model = _model()
     strategy = _strategy(model, widths={p: 0.5 for p in range(4)})

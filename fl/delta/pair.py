@@ -62,11 +62,12 @@ class PairSpec:
     edge: Mapping[str, Any] = field(default_factory=lambda: {"name": "cnn_small"})
     base_recipe: Recipe = Recipe(epochs=20, lr=0.05)
     edge_recipe: Recipe = Recipe(epochs=20, lr=0.02)
+    server_difficulty: float | None = None  # synthetic: the server split's difficulty (None: the run's)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "PairSpec":
         o = dict(options)
-        known = {"data", "seed", "server_samples", "base", "edge", "base_recipe", "edge_recipe"}
+        known = {"data", "seed", "server_samples", "base", "edge", "base_recipe", "edge_recipe", "server_difficulty"}
         unknown = sorted(set(o) - known)
         if unknown:
             raise ConfigError(f"model.pair.{unknown[0]}", f"unknown option; allowed: {', '.join(sorted(known))}")
@@ -80,6 +81,10 @@ class PairSpec:
         spec = cls(**o)
         if spec.server_samples < 1:
             raise ConfigError("model.pair.server_samples", f"must be >= 1, got {spec.server_samples}")
+        if spec.server_difficulty is not None and (spec.data.get("name") != "synthetic"
+                                                   or not 0.0 <= float(spec.server_difficulty) <= 1.0):
+            raise ConfigError("model.pair.server_difficulty", f"a difficulty in [0, 1] for synthetic data, or null; "
+                                                              f"got {spec.server_difficulty}")
         return spec
 
     @staticmethod
@@ -92,7 +97,8 @@ class PairSpec:
     def key(self) -> dict[str, Any]:
         return {"data": {k: v for k, v in self.data.items() if k != "partition"}, "seed": self.seed,
                 "server_samples": self.server_samples, "base": dict(self.base), "edge": dict(self.edge),
-                "base_recipe": asdict(self.base_recipe), "edge_recipe": asdict(self.edge_recipe)}
+                "base_recipe": asdict(self.base_recipe), "edge_recipe": asdict(self.edge_recipe),
+                **({} if self.server_difficulty is None else {"server_difficulty": float(self.server_difficulty)})}
 
 
 def _plain(value: Any) -> Any:
@@ -124,6 +130,8 @@ def server_split(pair: PairSpec):
 
         _, test = synthetic(num_clients=1, seed=pair.seed, **{**options, "samples_per_client": 1})
         keep = {k: v for k, v in options.items() if k in ("difficulty", "num_classes")}
+        if pair.server_difficulty is not None:  # public data of another difficulty than the clients' task
+            keep["difficulty"] = float(pair.server_difficulty)
         train = SyntheticImageSet(pair.server_samples, pair.seed, stream=SERVER_STREAM, name="synthetic/server", **keep)
         return train, test
     train, test = DATASETS.get(name)(num_clients=1, seed=pair.seed, root=pair.data.get("root"), **options)

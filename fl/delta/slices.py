@@ -98,6 +98,17 @@ def blocks_for(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], kee
     return out
 
 
+def upload_sizes(state: Mapping[str, Tensor], arch_json: str, widths, codec) -> dict[float, tuple[int, int]]:
+    """Per tier width: the DELTA parameters a client of that width trains and the bytes of its
+    upload (its slice as ``codec`` serializes it, without E)."""
+    out = {}
+    for width in widths:
+        reference, keep = upload_layout(state, arch_json, width, False)
+        blocks = blocks_for(state, reference, keep)
+        out[float(width)] = (sum(t.numel() for t in blocks.values()), codec.encode_slices(blocks, keep).count_bytes())
+    return out
+
+
 def same_keep(a: Keep, b: Keep) -> bool:
     return list(a) == list(b) and all(len(a[n]) == len(b[n]) and all(torch.equal(x, y) for x, y in zip(a[n], b[n]))
                                       for n in a)
