@@ -2,7 +2,7 @@
 
 ``analyze`` runs the pipeline on a fused edge+DELTA model and a base (``pipeline.explain``), then
 the optional compression study (Figure 11) and opportunistic study (Figure 16b); ``to_report``
-turns the result into a ``fl.hooks.Report`` (scalars, score histograms, overlay grids, markdown
+turns the result into a ``fl.hooks.Report`` (scalars, score histograms, example figures, markdown
 tables) for the run logger; ``html`` renders the self-contained report file.
 """
 
