@@ -91,8 +91,8 @@ def _read_finished(path: Path) -> list[dict[str, Any]]:
         rows = [json.loads(line) for line in lines if line.strip()]
     except json.JSONDecodeError as err:
         raise ConfigError("runs", f"{path / METRICS_FILE}: not JSON lines ({err})") from None
-    missing = [k for k in ("round", "cum_up_bytes", "cum_down_bytes") for r in rows[:1] if k not in r]
-    if missing or not any(r.get("accuracy") is not None for r in rows):
+    needed = ("round", "cum_up_bytes", "cum_down_bytes")
+    if not all(k in r for r in rows for k in needed) or not any(r.get("accuracy") is not None for r in rows):
         raise ConfigError("runs", f"{path / METRICS_FILE}: no evaluated rounds with cumulative bytes")
     return sorted(rows, key=lambda r: r["round"])
 
