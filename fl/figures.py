@@ -175,7 +175,7 @@ def angle_length_scatter(models: Mapping[str, FeatureGeometry], class_names: Seq
             for style, mask, label in ((CORRECT_STYLE, mine.correct, "correct"),
                                        (WRONG_STYLE, ~mine.correct, "wrong")):
                 ax.scatter(mine.angle[mask], mine.length[mask], label=label, **style)
-            ax.set_title(f"{class_names[c]} ({int(mine.correct.sum())}/{len(mine)} right)", fontsize="x-small")
+            ax.set_title(f"{class_names[c]}\n{int(mine.correct.sum())} of {len(mine)} right", fontsize="x-small")
             ax.set_xlim(xlim)
             ax.set_ylim(ylim)
             ax.grid(True, alpha=0.3)
