@@ -82,44 +82,47 @@ KILL_POINTS = [
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_sigkill_at_every_point_then_resume_is_identical(tmp_path, reference, point):
-    run_dir = tmp_path / "run"
-    killed = _start(run_dir, **{KILL_AT_ENV: point})
-    killed.communicate(timeout=300)
-    assert killed.returncode == -signal.SIGKILL, f"the run was not killed at {point}"
+    run_dir = _killed_at(tmp_path, point)
     assert not (run_dir / "summary.json").exists()
 
-    resumed = run_cli([f"resume={run_dir}"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _resumed(run_dir)
     assert "resuming" in resumed.stdout
     _assert_same_as(reference, run_dir)
 
 
+def _killed_at(tmp_path, point: str):
+    """A run of the small config SIGKILLed by itself at ``point`` (``FL_TEST_KILL_AT``); its folder."""
+    run_dir = tmp_path / "run"
+    killed = _start(run_dir, **{KILL_AT_ENV: point})
+    killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, f"the run was not killed at {point}"
+    return run_dir
+
+
+def _resumed(run_dir):
+    resumed = run_cli([f"resume={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return resumed
+
+
 def test_torn_metrics_line_then_resume_is_identical(tmp_path, reference):
     """A kill inside the write of round 2's row leaves a prefix of that line; the resume drops it."""
-    run_dir = tmp_path / "run"
-    killed = _start(run_dir, **{KILL_AT_ENV: "logged:2"})
-    killed.communicate(timeout=300)
-    assert killed.returncode == -signal.SIGKILL
+    run_dir = _killed_at(tmp_path, "logged:2")
     metrics = run_dir / "metrics.jsonl"
     text = metrics.read_text()
     metrics.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])  # half of round 2's line
     with pytest.raises(json.JSONDecodeError):
         read_metrics(run_dir)
 
-    resumed = run_cli([f"resume={run_dir}"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _resumed(run_dir)
     _assert_same_as(reference, run_dir)
 
 
 def test_killed_after_the_outputs_resume_says_complete(tmp_path, reference):
-    run_dir = tmp_path / "run"
-    killed = _start(run_dir, **{KILL_AT_ENV: "finished"})
-    killed.communicate(timeout=300)
-    assert killed.returncode == -signal.SIGKILL
+    run_dir = _killed_at(tmp_path, "finished")
     assert (run_dir / "checkpoint.pt").exists()  # killed before the clean-up
 
-    resumed = run_cli([f"resume={run_dir}"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _resumed(run_dir)
     assert "is complete" in resumed.stdout and "resuming" not in resumed.stdout
     _assert_same_as(reference, run_dir)  # the leftover checkpoint is gone too
 
