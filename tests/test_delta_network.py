@@ -406,7 +406,8 @@ def test_a_server_split_of_another_difficulty_is_another_pair():
     assert train.difficulty == 0.0 and same_train.difficulty == TINY_DATA["difficulty"]
     assert test.difficulty == same_test.difficulty == TINY_DATA["difficulty"]  # the clients' task is unchanged
     assert pair_directory(shifted, "c") != pair_directory(tiny_pair_spec(), "c")
-    with pytest.raises(ConfigError, match="model.pair.server_difficulty"):
-        tiny_pair_spec(server_difficulty=1.5)
+    for bad in (1.5, "abc", True):
+        with pytest.raises(ConfigError, match="model.pair.server_difficulty"):
+            tiny_pair_spec(server_difficulty=bad)
     with pytest.raises(ConfigError, match="model.pair.server_difficulty"):
         tiny_pair_spec(server_difficulty=0.0, data={**TINY_DATA, "name": "mnist"})

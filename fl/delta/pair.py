@@ -82,9 +82,9 @@ class PairSpec:
         if spec.server_samples < 1:
             raise ConfigError("model.pair.server_samples", f"must be >= 1, got {spec.server_samples}")
         if spec.server_difficulty is not None and (spec.data.get("name") != "synthetic"
-                                                   or not 0.0 <= float(spec.server_difficulty) <= 1.0):
+                                                   or not _in_unit_interval(spec.server_difficulty)):
             raise ConfigError("model.pair.server_difficulty", f"a difficulty in [0, 1] for synthetic data, or null; "
-                                                              f"got {spec.server_difficulty}")
+                                                              f"got {spec.server_difficulty!r}")
         return spec
 
     @staticmethod
@@ -99,6 +99,10 @@ class PairSpec:
                 "server_samples": self.server_samples, "base": dict(self.base), "edge": dict(self.edge),
                 "base_recipe": asdict(self.base_recipe), "edge_recipe": asdict(self.edge_recipe),
                 **({} if self.server_difficulty is None else {"server_difficulty": float(self.server_difficulty)})}
+
+
+def _in_unit_interval(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0
 
 
 def _plain(value: Any) -> Any:
