@@ -19,6 +19,7 @@ from fl.checkpoint import Checkpoint
 from fl.faults import FaultSpec, fault_mod
 from fl.engine.inprocess import InProcessGrid
 from fl.results import write_results
+from fl.threads import STARTUP_THREADS  # noqa: F401  (read before the engine pins the clients' threads)
 from fl.server import RunOutcome, ServerSpec, StopRequest, build_server_app, finish_only, run_server
 
 
@@ -49,12 +50,14 @@ def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None =
     num_nodes = spec.client.data.num_clients
     started = time.time()
     if engine.name == "inprocess":
+        before = torch.get_num_threads()
         torch.set_num_threads(engine.torch_threads)
         grid = InProcessGrid(client_app, num_nodes, workers=engine.workers)
         try:
             server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
         finally:
             grid.close()
+            torch.set_num_threads(before)
     elif engine.name == "ray":
         from fl.engine.ray_sim import run_on_ray
 

@@ -35,6 +35,7 @@ from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, digest, \
     ensure_pair, predict, server_split, shifted, tensors, train_classifier
 from fl.errors import ConfigError
 from fl.results import atomic_save, atomic_write_text
+from fl.threads import central_threads
 
 log = logging.getLogger("fl.delta")
 
@@ -121,14 +122,9 @@ def ensure_delta(pair_spec: PairSpec, spec: ConstructionSpec, cache_dir: str, *,
         log_summary(built.report)
         return built
     directory.mkdir(parents=True, exist_ok=True)
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng():
-            fused, report = construct(pair, pair_spec, spec, tiers)
-    finally:
-        torch.set_num_threads(before)
+    with central_threads(threads), torch.random.fork_rng():
+        torch.manual_seed(pair_spec.seed)  # the build depends on its cache key, not on what ran before
+        fused, report = construct(pair, pair_spec, spec, tiers)
     atomic_save(fused.state_dict(), files[0])
     atomic_write_text(files[1], fused.arch.to_json())
     atomic_write_text(files[2], json.dumps(report, indent=2))

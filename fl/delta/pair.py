@@ -32,6 +32,7 @@ from torch import nn
 
 from fl.errors import ConfigError
 from fl.results import atomic_save, atomic_write_text
+from fl.threads import central_threads
 
 log = logging.getLogger("fl.delta")
 
@@ -250,7 +251,7 @@ def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | 
         return Pair(models["base"], models["edge"], directory, report)
     directory.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"spec": pair.key(), "server_samples": len(train), "test_samples": len(test)}
-    with _threads(threads), torch.random.fork_rng():
+    with central_threads(threads), torch.random.fork_rng():
         x, y = tensors(train)
         x_test, y_test = tensors(test)
         for role, model in models.items():
@@ -271,15 +272,4 @@ def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | 
     return Pair(models["base"], models["edge"], directory, report)
 
 
-class _threads:
-    def __init__(self, n: int | None):
-        self.n = n
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        if self.n:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
 

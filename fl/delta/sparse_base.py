@@ -26,10 +26,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fl.delta.pair import (PairSpec, Recipe, _threads, accuracy, digest, ensure_pair, pair_directory, predict,
+from fl.delta.pair import (PairSpec, Recipe, accuracy, digest, ensure_pair, pair_directory, predict,
                            server_split, tensors, train_classifier)
 from fl.errors import ConfigError
 from fl.results import atomic_save, atomic_write_text
+from fl.threads import central_threads
 from fl.sparsity import apply_mask, erk_budgets, magnitude_masks, prunable_shapes
 
 log = logging.getLogger("fl.delta")
@@ -74,7 +75,7 @@ def ensure_sparse_base(pair: PairSpec, spec: SparseSpec, cache_dir: str | os.Pat
     x, y = tensors(train)
     x_test, y_test = tensors(test)
     started = time.perf_counter()
-    with _threads(threads), torch.random.fork_rng():
+    with central_threads(threads), torch.random.fork_rng():
         state = base.state_dict()
         budgets = erk_budgets(prunable_shapes(state), spec.sparsity, spec.dense_layers, key="model.sparse.dense_layers")
         masks = magnitude_masks(state, budgets)
