@@ -44,6 +44,7 @@ from fl.payload import State, decode_features, decode_tensors, encode_tensors
 from plugins.agilenn.network import AgileNet
 from plugins.agilenn.selection import permute_channels, ranking
 from plugins.agilenn.training import measure, reference_accuracy, AgileHyper, AgileLoss
+from strategies.base import Update
 from strategies.fedavg import FedAvg
 
 REMOTE_MODES = ("fedavg", "split")
@@ -94,20 +95,18 @@ class AgileNN(FedAvg):
 
     # -- aggregate ---------------------------------------------------------------------------
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+    def aggregate_updates(self, server_round: int,
+                          updates: Sequence[Update]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         phase = self.phase(server_round)
         self._last_round = server_round
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_updates(server_round, updates)
         if arrays is None:
             return arrays, metrics
         state = arrays.to_torch_state_dict()
         if phase == SPLIT:  # the averaged device part + the remote head the server trained
             state = {**self._global, **self.remote_state(), **state}
         if phase == PRETRAIN and server_round == self.pretrain_rounds:
-            state, selection = self.select_channels(state, self.in_partition_order(
-                [r for r in replies if not r.has_error() and r.has_content()]))
+            state, selection = self.select_channels(state, [u.reply for u in updates])
             metrics = MetricRecord({**(metrics or {}), **selection})
         if metrics is not None:
             for key in [k for k in metrics if k.startswith((COUNT_PREFIX, CENTROID_PREFIX))] + [LAST, "agilenn.done"]:

@@ -6,10 +6,17 @@
   in the message config and decodes the replies.
 * Replies are put in partition order before aggregation, so floating-point sums do not depend
   on which client finished first.
-* Every update is validated before aggregation (``accept``): keys, shapes and dtypes as the
-  codec sends them, all values finite, payload size within the codec's bound. A rejected update
-  is logged with its client, round and reason, counted, and never reaches the aggregate; a round
-  with fewer than ``min_train_nodes`` accepted updates keeps the global model.
+* Aggregation is a template no strategy can skip: ``aggregate_train`` screens every reply and
+  hands only the sound updates, in partition order, to the strategy's ``aggregate_updates``
+  (defining ``aggregate_train`` in a subclass is a TypeError). Screening reads the decoded
+  content, not only the metadata: the arrays' bytes must match their metadata, the payload must
+  decode through the strategy's ``decode_update`` into finite tensors shaped as what the client
+  was sent, ``num-examples`` and every other metric must be finite and the weight positive; then
+  the robust bounds (``RobustBounds``) refuse a weight or an update norm far above the round's
+  lower median. A refused update is logged with its partition, round and reason, counted in
+  ``rejections``, and never aggregated; a round with fewer than ``min_train_nodes`` sound
+  updates keeps the global model. ``aggregate_evaluate`` likewise drops evaluation replies with
+  non-finite metrics before ``aggregate_evaluations``.
 * ``state_dict()``/``load_state_dict()`` for whatever must survive a checkpoint.
 
 The algorithm itself (configure, train, aggregate) is written out in each strategy's own file.
@@ -25,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
@@ -37,16 +44,61 @@ from fl.sampling import sample_partitions
 log = logging.getLogger(__name__)
 
 
+class Rejected(Exception):
+    """A reply that must not be aggregated; the message is the logged reason."""
+
+
+@dataclass(frozen=True)
+class RobustBounds:
+    """Bounds relative to the round (the lower median of its sound updates), on by default: they
+    stop a client whose weights or ``num-examples`` are orders of magnitude off (3e38 weights,
+    1e30 examples) without touching honest rounds. None switches a bound off."""
+
+    max_weight_ratio: float | None = 100.0
+    max_norm_ratio: float | None = 100.0
+
+    def __post_init__(self):
+        for key in ("max_weight_ratio", "max_norm_ratio"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 1):
+                raise ValueError(f"robust.{key} must be a number >= 1 or null, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What ``decode_update`` read from a reply: the tensors the client sent, what it started from
+    (same names and shapes, for the update norm; None: the norm of the tensors themselves), and
+    whatever the strategy's own aggregation step needs."""
+
+    sent: State
+    start: State | None
+    content: Any = None
+
+
+@dataclass(frozen=True)
+class Update:
+    """A screened reply: its partition, aggregation weight, update norm and decoded content."""
+
+    reply: Message
+    partition: int
+    weight: float
+    norm: float
+    content: Any = None
+
+
 class FederatedStrategy(FlowerFedAvg):
     def __init__(self, *, seed: int = 0, down_codec: str = "dense_fp32", up_codec: str = "dense_fp32",
-                 **flower_kwargs: Any):
+                 robust: RobustBounds | Mapping[str, Any] | None = None, **flower_kwargs: Any):
         super().__init__(**flower_kwargs)
         self.seed = seed
+        self.robust = robust if isinstance(robust, RobustBounds) else RobustBounds(**(robust or {}))
         self.down_codec = get_codec(down_codec)
         self.up_codec = get_codec(up_codec)
         self.reference: State | None = None  # names, shapes and dtypes of the global model
         self._directory: NodeDirectory | None = None
         self.rejections: dict[int, list[str]] = {}  # round -> "partition p: reason" for each rejected update
+        self._layout: PayloadLayout | None = None
+        self._layout_for: State | None = None
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -83,39 +135,166 @@ class FederatedStrategy(FlowerFedAvg):
             config[UP_CODEC] = up
         return config
 
-    # -- validation ------------------------------------------------------------------------------
+    # -- aggregation: a template every strategy goes through ------------------------------------
 
-    def accept(self, server_round: int, replies: Sequence[Message]) -> list[Message]:
-        """The replies whose update passes ``validate``; the others are logged and counted."""
-        partition_of = self._directory.partition_of_node if self._directory else {}
-        accepted, rejected = [], []
-        layout = PayloadLayout.of(self.up_codec, self.reference) if self.reference is not None else None
-        for reply in replies:
-            reason = self.validate(reply, layout)
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        for name in ("aggregate_train", "aggregate_evaluate"):
+            if name in cls.__dict__:
+                raise TypeError(f"{cls.__name__} overrides {name}; override its step instead "
+                                f"({'aggregate_updates' if name == 'aggregate_train' else 'aggregate_evaluations'}), "
+                                "so that no reply reaches it unscreened")
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen every reply (``screen``), then the strategy's own step on the sound updates, in
+        partition order. A round with fewer than ``min_train_nodes`` sound updates keeps w_t."""
+        answered = self.answered(server_round, replies, MessageType.TRAIN)
+        updates = self.screen(server_round, answered)
+        if len(updates) < max(self.min_train_nodes, 1):
+            return None, None
+        return self.aggregate_updates(server_round, updates)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Drop evaluation replies whose metrics are not finite or whose weight is not positive,
+        then the strategy's own step (``aggregate_evaluations``)."""
+        sound = []
+        for reply in self.answered(server_round, replies, MessageType.EVALUATE):
+            reason = self.check_metrics(reply, None)
             if reason is None:
-                accepted.append(reply)
+                sound.append(reply)
             else:
-                who = partition_of.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
-                rejected.append(f"partition {who}: {reason}")
-                log.warning("round %d: rejected the update of partition %s: %s", server_round, who, reason)
-        self.rejections[server_round] = rejected
-        return accepted
+                log.warning("round %d: ignored the evaluation of partition %s: %s", server_round,
+                            self.partition_of(reply), reason)
+        return self.aggregate_evaluations(server_round, sound) if sound else None
 
-    def validate(self, reply: Message, layout: "PayloadLayout | None") -> str | None:
-        """Why ``reply``'s update must not be aggregated, or None if it may be."""
+    def aggregate_updates(self, server_round: int,
+                          updates: Sequence["Update"]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        raise NotImplementedError
+
+    def aggregate_evaluations(self, server_round: int, replies: Sequence[Message]) -> MetricRecord | None:
+        return self.evaluate_metrics_aggr_fn([reply.content for reply in replies], self.weighted_by_key)
+
+    def on_replies(self, kind: str, answered: Sequence[Message], failed: Sequence[Message]) -> None:
+        """Bookkeeping on every reply before screening (e.g. which nodes now hold what was sent)."""
+
+    def answered(self, server_round: int, replies: Iterable[Message], kind: str) -> list[Message]:
+        """The replies that carry content, in partition order; error replies are logged."""
+        replies = list(replies)
+        failed = [r for r in replies if r.has_error()]
+        answered = self.in_partition_order([r for r in replies if not r.has_error()])
+        log.info("%s: received %d results and %d failures", f"aggregate_{kind}", len(answered), len(failed))
+        for reply in failed:
+            log.info("\t> error in the reply of partition %s: %s", self.partition_of(reply), reply.error.reason)
+        self.on_replies(kind, answered, failed)
+        return answered
+
+    # -- screening: decoded content, finite values, bounded weight and norm -----------------------
+
+    def screen(self, server_round: int, replies: Sequence[Message]) -> list["Update"]:
+        """The sound updates among ``replies``; the others are logged, counted in ``rejections``
+        and never reach ``aggregate_updates``.
+
+        Each reply must carry the arrays and a finite, positive ``num-examples``; its payload must
+        decode (``decode_update``: the strategy's codec and layout) into finite tensors shaped as
+        what the client started from. Then the robust bounds (``RobustBounds``): a weight or an
+        update norm (||sent - start||_2) above ``ratio`` times the round's lower median is refused.
+        """
+        candidates, rejected = [], []
+        for reply in replies:
+            try:
+                candidates.append(self.screen_one(server_round, reply))
+            except Rejected as why:
+                rejected.append((reply, str(why)))
+        bounds = self.robust
+        for field, ratio in (("weight", bounds.max_weight_ratio), ("norm", bounds.max_norm_ratio)):
+            if ratio is None or not candidates:
+                continue
+            values = sorted(getattr(u, field) for u in candidates)
+            reference = values[(len(values) - 1) // 2]
+            if reference <= 0:
+                continue
+            kept = []
+            for update in candidates:
+                value = getattr(update, field)
+                if value > ratio * reference:
+                    rejected.append((update.reply, f"{field} {value:.4g} exceeds {ratio:g} x the round's median "
+                                                   f"{reference:.4g} (robust.max_{field}_ratio)"))
+                else:
+                    kept.append(update)
+            candidates = kept
+        self.rejections[server_round] = []
+        for reply, reason in sorted(rejected, key=lambda r: self.partition_of(r[0])):
+            who = self.partition_of(reply)
+            self.rejections[server_round].append(f"partition {who}: {reason}")
+            log.warning("round %d: rejected the update of partition %s: %s", server_round, who, reason)
+        return candidates
+
+    def screen_one(self, server_round: int, reply: Message) -> "Update":
+        reason = self.check_metrics(reply, ARRAYS) or truthful_metadata(reply.content[ARRAYS])
+        if reason is not None:
+            raise Rejected(reason)
+        try:
+            decoded = self.decode_update(server_round, reply)
+        except Rejected:
+            raise
+        except Exception as exc:  # a payload for another layout, or no valid payload at all
+            raise Rejected(f"payload does not decode ({type(exc).__name__}: {exc})") from None
+        norm = 0.0
+        start = decoded.start
+        if start is not None and list(start) != list(decoded.sent):
+            raise Rejected("decoded arrays differ from what the client was sent")
+        for name, tensor in decoded.sent.items():
+            if start is not None and tensor.shape != start[name].shape:
+                raise Rejected(f"{name!r} decodes to shape {list(tensor.shape)}, expected {list(start[name].shape)}")
+            if not tensor.is_floating_point():
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                raise Rejected(f"{name!r} has non-finite values")
+            change = tensor.to(torch.float64) - (start[name].to(torch.float64) if start is not None else 0.0)
+            norm += float(change.square().sum())
+        if not np.isfinite(norm):
+            raise Rejected("the update's norm overflows")
+        weight = float(reply.content[METRICS][self.weighted_by_key])
+        return Update(reply, self.partition_of(reply), weight, float(np.sqrt(norm)), decoded.content)
+
+    def check_metrics(self, reply: Message, arrays: str | None) -> str | None:
+        """Why the reply's records are unusable, or None: the arrays (if asked for) and a finite,
+        positive ``num-examples``; every other metric finite."""
         content = reply.content
-        if ARRAYS not in content or METRICS not in content or self.weighted_by_key not in content[METRICS]:
+        if (arrays is not None and arrays not in content) or METRICS not in content \
+                or self.weighted_by_key not in content[METRICS]:
             return f"reply lacks {ARRAYS!r} or {METRICS!r}[{self.weighted_by_key!r}]"
+        for key, value in content[METRICS].items():
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values):
+                return f"metric {key!r} is {value!r}"
         weight = content[METRICS][self.weighted_by_key]
-        if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+        if isinstance(weight, list) or weight <= 0:
             return f"{self.weighted_by_key} is {weight!r}"
-        return layout.check(content[ARRAYS]) if layout is not None else None
+        return None
 
-    def decode_replies(self, replies: Sequence[Message]) -> tuple[Sequence[State], list[float]]:
-        """The replies' states, decoded one at a time as they are read (``DecodedStates``), and
-        their aggregation weights."""
-        weights = [float(reply.content[METRICS][self.weighted_by_key]) for reply in replies]
-        return DecodedStates(self.up_codec, self.reference, replies), weights
+    def decode_update(self, server_round: int, reply: Message) -> "Decoded":
+        """The reply's payload through the up codec against the broadcast weights (FedAvg and
+        family); strategies with another payload family decode their own. Raise ``Rejected`` (or
+        let the codec raise) for a payload that does not fit."""
+        if self.reference is None:
+            raise Rejected("no global model was sent this round")
+        if self._layout_for is not self.reference:  # one layout per broadcast
+            self._layout, self._layout_for = PayloadLayout.of(self.up_codec, self.reference), self.reference
+        reason = self._layout.check(reply.content[ARRAYS])
+        if reason is not None:
+            raise Rejected(reason)
+        return Decoded(self.up_codec.decode(reply.content[ARRAYS], self.reference), self.reference)
+
+    def partition_of(self, reply: Message) -> int:
+        node = reply.metadata.src_node_id
+        return self._directory.partition_of_node.get(node, node) if self._directory else node
+
+    def decode_replies(self, updates: Sequence["Update"]) -> tuple[Sequence[State], list[float]]:
+        """The updates' states, decoded again one at a time as they are read (``DecodedStates``),
+        and their aggregation weights."""
+        return DecodedStates(self.up_codec, self.reference, [u.reply for u in updates]), [u.weight for u in updates]
 
     # -- checkpointing -----------------------------------------------------------------------
 
@@ -152,13 +331,20 @@ class PayloadLayout:
             dtype, shape = self.arrays[name]
             if array.dtype != dtype or list(array.shape) != shape:
                 return f"{name!r} is {array.dtype}{list(array.shape)}, expected {dtype}{shape}"
-            try:
-                values = array.numpy()
-            except Exception as exc:
-                return f"{name!r} does not decode ({type(exc).__name__}: {exc})"
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
-                return f"{name!r} has non-finite values"
         return None
+
+
+def truthful_metadata(record: ArrayRecord) -> str | None:
+    """Why an array's bytes contradict its metadata (shape, dtype), or None."""
+    for name, array in record.items():
+        try:
+            values = array.numpy()
+        except Exception as exc:
+            return f"{name!r} does not decode ({type(exc).__name__}: {exc})"
+        if list(values.shape) != list(array.shape) or values.dtype != np.dtype(array.dtype):
+            return (f"{name!r}: its bytes hold shape {list(values.shape)} ({values.dtype}), "
+                    f"its metadata says {list(array.shape)} ({array.dtype})")
+    return None
 
 
 class DecodedStates(abc.Sequence):

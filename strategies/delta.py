@@ -48,7 +48,7 @@ from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_VERSION, SR_WEIGHT, TRAIN_
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, METRICS
 from fl.payload import State
-from strategies.base import FederatedStrategy, weighted_mean
+from strategies.base import Decoded, FederatedStrategy, Rejected, Update, weighted_mean
 from strategies.hermes import HOLDERS, Upload, _slice_codec_name, average_held
 
 DEFAULT_TIERS = (1.0, 1 / math.sqrt(2), 0.5, 1 / (2 * math.sqrt(2)))
@@ -128,26 +128,14 @@ class DeltaFactorized(FederatedStrategy):
 
     # -- aggregate: every DELTA coordinate over the clients whose slice covers it --------------
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        ordered = self.in_partition_order(valid)
-        self.confirm_delivery(ordered)
-        edge_round = self.is_edge_round(server_round)
-        uploads, accepted = [], []
-        rejected: list[str] = []
-        for reply in ordered:
-            upload, reason = self.decode_upload(reply, edge_round)
-            if reason is None:
-                uploads.append(upload)
-                accepted.append(reply)
-            else:
-                rejected.append(f"partition {self.partition(reply.metadata.src_node_id)}: {reason}")
-        self.rejections[server_round] = rejected
-        if len(uploads) < max(self.min_train_nodes, 1):  # too few sound updates: keep w_t
-            return None, None
+    def on_replies(self, kind: str, answered: Sequence[Message], failed: Sequence[Message]) -> None:
+        self.confirm_delivery(answered)
+
+    def aggregate_updates(self, server_round: int,
+                          updates: Sequence[Update]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        uploads = [u.content for u in updates]
         self.global_state = self.server_update(server_round, uploads)
-        metrics = self.train_metrics_aggr_fn([reply.content for reply in accepted], self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
         metrics.pop(TIER_WIDTH, None)
         for width in self.tiers:
             metrics[f"{width_key(width)}/clients"] = sum(self.width_of(u.partition) == width for u in uploads)
@@ -156,28 +144,24 @@ class DeltaFactorized(FederatedStrategy):
                 metrics[f"{width_key(width)}/global_accuracy"] = acc
         return ArrayRecord(self.global_state), metrics
 
-    def decode_upload(self, reply: Message, edge_round: bool) -> tuple[DeltaUpload | None, str | None]:
-        content = reply.content
-        if ARRAYS not in content or METRICS not in content or self.weighted_by_key not in content[METRICS]:
-            return None, f"reply lacks {ARRAYS!r} or {METRICS!r}[{self.weighted_by_key!r}]"
-        weight = content[METRICS][self.weighted_by_key]
-        if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
-            return None, f"{self.weighted_by_key} is {weight!r}"
+    def decode_update(self, server_round: int, reply: Message) -> Decoded:
+        """Client k's tier slice of the DELTA (and of E in an edge round), in its tier's layout."""
         partition = self.partition(reply.metadata.src_node_id)
         width = self.width_of(partition)
+        edge_round = self.is_edge_round(server_round)
         reference, keep = upload_layout(self.global_state, self.arch_json, width, edge_round)
         try:
-            blocks, got = self.up_codec.decode_slices(content[ARRAYS], reference)
+            blocks, got = self.up_codec.decode_slices(reply.content[ARRAYS], reference)
         except Exception as exc:  # a payload for another layout
-            return None, f"does not decode as a width-{width:.3f} slice ({type(exc).__name__}: {exc})"
+            raise Rejected(f"does not decode as a width-{width:.3f} slice ({type(exc).__name__}: {exc})") from None
         if not same_keep(got, keep):
-            return None, f"its slice is not the width-{width:.3f} tier's"
-        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in blocks.values()):
-            return None, "non-finite values"
+            raise Rejected(f"its slice is not the width-{width:.3f} tier's")
         delta_blocks = {n: t for n, t in blocks.items() if is_trainable(n)}
         delta_keep = {n: keep[n] for n in delta_blocks}
         edge = {n: t for n, t in blocks.items() if is_edge(n)} if edge_round else None
-        return DeltaUpload(partition, Upload(partition, delta_blocks, delta_keep, float(weight)), edge), None
+        weight = float(reply.content[METRICS][self.weighted_by_key])
+        upload = DeltaUpload(partition, Upload(partition, delta_blocks, delta_keep, weight), edge)
+        return Decoded(blocks, blocks_for(self.global_state, reference, keep), upload)
 
     def server_update(self, server_round: int, uploads: Sequence[DeltaUpload]) -> State:
         trainable = {n: t for n, t in self.global_state.items() if is_trainable(n)}
@@ -197,12 +181,7 @@ class DeltaFactorized(FederatedStrategy):
         nodes = self.sample(grid, server_round, "evaluate", self.fraction_evaluate, self.min_evaluate_nodes)
         return [self.message(node, config, server_round, MessageType.EVALUATE, False) for node in nodes]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, _ = self._check_and_log_replies(replies, is_train=False)
-        if not valid:
-            return None
-        ordered = self.in_partition_order(valid)
-        self.confirm_delivery(ordered)
+    def aggregate_evaluations(self, server_round: int, ordered: Sequence[Message]) -> MetricRecord | None:
         metrics = MetricRecord()
         for width in self.tiers:
             tier = [r.content[METRICS] for r in ordered if self.width_of(self.partition(r.metadata.src_node_id)) == width]

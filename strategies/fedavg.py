@@ -6,7 +6,8 @@ Data", AISTATS 2017), Algorithm 1:
     train:      each client runs ClientUpdate: E epochs of SGD with batch B (``clients.dense``)
     aggregate:  w_{t+1} = sum_k (n_k / n) w_{t+1}^k   (``weighted_mean``, in partition order)
 
-Sampling, codecs and reply ordering come from ``FederatedStrategy``.
+Sampling, codecs, reply ordering and the screening of every reply come from ``FederatedStrategy``
+(its ``aggregate_train`` hands the sound updates to ``aggregate_updates``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flwr.serverapp import Grid
 
 from fl.keys import ARRAYS, CONFIG
 from fl.payload import State
-from strategies.base import FederatedStrategy, weighted_mean
+from strategies.base import FederatedStrategy, Update, weighted_mean
 
 
 class FedAvg(FederatedStrategy):
@@ -36,15 +37,11 @@ class FedAvg(FederatedStrategy):
 
     # -- aggregate ---------------------------------------------------------------------------
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
-        ordered = self.in_partition_order(self.accept(server_round, valid))
-        if len(ordered) < max(self.min_train_nodes, 1):  # too few sound updates: keep w_t
-            return None, None
-        states, weights = self.decode_replies(ordered)
+    def aggregate_updates(self, server_round: int,
+                          updates: Sequence[Update]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        states, weights = self.decode_replies(updates)
         new_state = self.server_update(server_round, states, weights)
-        metrics = self.train_metrics_aggr_fn([reply.content for reply in ordered], self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
         return ArrayRecord(new_state), metrics
 
     def server_update(self, server_round: int, states: Sequence[State], weights: Sequence[float]) -> State:
@@ -60,10 +57,3 @@ class FedAvg(FederatedStrategy):
         nodes = self.sample(grid, server_round, "evaluate", self.fraction_evaluate, self.min_evaluate_nodes)
         content = RecordDict({ARRAYS: arrays, CONFIG: self.stamp(config, server_round, down="dense_fp32")})
         return [Message(content, node, MessageType.EVALUATE) for node in nodes]
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, _ = self._check_and_log_replies(replies, is_train=False)
-        if not valid:
-            return None
-        ordered = self.in_partition_order(valid)
-        return self.evaluate_metrics_aggr_fn([reply.content for reply in ordered], self.weighted_by_key)

@@ -53,7 +53,7 @@ from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, METRICS
 from fl.payload import BitmapCodec, Masks, State, get_codec, has_bitmap
 from fl.sparsity import apply_mask, erk_budgets, magnitude_masks, prunable_shapes, top_k_mask
-from strategies.base import weighted_mean
+from strategies.base import Decoded, Rejected, Update, weighted_mean
 from strategies.fedavg import FedAvg
 
 ALPHA_SCHEDULES = ("cosine", "constant")
@@ -139,25 +139,25 @@ class FedDST(FedAvg):
 
     # -- aggregate ---------------------------------------------------------------------------
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
-        partition_of = self._partition_of()
+    def on_replies(self, kind: str, answered: Sequence[Message], failed: Sequence[Message]) -> None:
+        if kind != MessageType.TRAIN:
+            return
         for reply in failed:  # its node may have lost its mask: send the bitmap next time
-            self.held.pop(partition_of.get(reply.metadata.src_node_id, reply.metadata.src_node_id), None)
-        ordered = self.in_partition_order(self.accept(server_round, valid))
-        if len(ordered) < max(self.min_train_nodes, 1):  # too few sound updates: keep w_t and m_t
-            return None, None
-        states, masks, weights = self.decode_sparse_replies(ordered)
-        for reply in ordered:
-            node = reply.metadata.src_node_id
-            self.held[partition_of.get(node, node)] = int(reply.content[METRICS][MASK_VERSION])
+            self.held.pop(self.partition_of(reply), None)
+
+    def aggregate_updates(self, server_round: int,
+                          updates: Sequence[Update]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        states = [u.content[0] for u in updates]
+        masks = [u.content[1] for u in updates]
+        weights = [u.weight for u in updates]
+        for update in updates:
+            self.held[update.partition] = int(update.reply.content[METRICS][MASK_VERSION])
         new_state, new_mask = self.server_update(server_round, states, masks, weights)
         changed = sum(int((new_mask[name] ^ self.mask[name]).sum()) for name in self.mask)
         if changed:
             self.mask_version += 1
         self.mask = new_mask
-        metrics = self.train_metrics_aggr_fn([reply.content for reply in ordered], self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
         masked = sum(m.numel() for m in self.mask.values())
         for key, value in {**self._round_info, "feddst/global_mask_changed": changed,
                            "feddst/mask_version": self.mask_version,
@@ -165,35 +165,20 @@ class FedDST(FedAvg):
             metrics[key] = value
         return ArrayRecord(new_state), metrics
 
-    def validate(self, reply: Message, layout: Any) -> str | None:
-        """A sound FedDST update decodes against the global mask (or carries its own bitmap), has
-        finite values, reports the mask version it trained on and keeps every layer at its budget."""
-        reason = super().validate(reply, None)
-        if reason is not None:
-            return reason
+    def decode_update(self, server_round: int, reply: Message) -> Decoded:
+        """A sound FedDST update decodes against the global mask (or carries its own bitmap),
+        reports the mask version it trained on and keeps every layer at its budget."""
         if MASK_VERSION not in reply.content[METRICS]:
-            return f"reply lacks {METRICS!r}[{MASK_VERSION!r}]"
+            raise Rejected(f"reply lacks {METRICS!r}[{MASK_VERSION!r}]")
         try:
             state, masks = self.up_codec.decode_masked(reply.content[ARRAYS], self.reference, self.mask)
         except (KeyError, ValueError, TypeError) as exc:
-            return f"sparse payload does not decode ({exc})"
-        for name, t in state.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return f"{name!r} has non-finite values"
+            raise Rejected(f"sparse payload does not decode ({exc})") from None
         for name, mask in masks.items():
             if name not in self.mask or int(mask.sum()) != self.budgets[name]:
-                return f"mask of {name!r} holds {int(mask.sum())} entries, not its budget {self.budgets.get(name)}"
-        return None
-
-    def decode_sparse_replies(self, replies: Sequence[Message]) -> tuple[list[State], list[Masks], list[float]]:
-        """Each client's weights and mask (its bitmap after a readjustment, else the global mask)."""
-        states, masks = [], []
-        for reply in replies:
-            state, mask = self.up_codec.decode_masked(reply.content[ARRAYS], self.reference, self.mask)
-            states.append(state)
-            masks.append(mask)
-        weights = [float(reply.content[METRICS][self.weighted_by_key]) for reply in replies]
-        return states, masks, weights
+                raise Rejected(f"mask of {name!r} holds {int(mask.sum())} entries, not its budget "
+                               f"{self.budgets.get(name)}")
+        return Decoded(state, self.reference, (state, masks))
 
     def server_update(self, server_round: int, states: Sequence[State], masks: Sequence[Masks],
                       weights: Sequence[float]) -> tuple[State, Masks]:

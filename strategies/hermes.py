@@ -46,7 +46,7 @@ from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, METRICS
 from fl.payload import (Keep, SliceCodec, State, full_keep, get_codec, keep_coordinates, kept_entries,
                         relative_keep, slice_state, unslice_state)
-from strategies.base import FederatedStrategy
+from strategies.base import Decoded, FederatedStrategy, Rejected, Update
 
 # Which coordinates take the holders' average: f(holder weight sum, held by every participant).
 HOLDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -97,26 +97,27 @@ class Hermes(FederatedStrategy):
 
     # -- aggregate: average each coordinate over the participants that hold it ---------------
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
-            return None, None
-        ordered = self.in_partition_order(valid)
-        uploads = [self.decode_upload(reply) for reply in ordered]
+    def aggregate_updates(self, server_round: int,
+                          updates: Sequence[Update]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        uploads = [u.content for u in updates]
         self.global_state = self.server_update(server_round, uploads)
         for upload in uploads:
             self.masks[upload.partition] = upload.keep
             self.personal[upload.partition] = upload.blocks
-        metrics = self.train_metrics_aggr_fn([reply.content for reply in ordered], self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
         metrics["kept_share_all_clients"] = self.kept_share()
         return ArrayRecord(self.global_state), metrics
 
-    def decode_upload(self, reply: Message) -> Upload:
+    def decode_update(self, server_round: int, reply: Message) -> Decoded:
+        """Client k's kept values and channel bitmap; its mask may only shrink."""
         partition = self.partition(reply.metadata.src_node_id)
         blocks, keep = self.up_codec.decode_slices(reply.content[ARRAYS], self.global_state)
-        relative_keep(self.keep_of(partition), keep)  # raises if client k's mask grew
-        return Upload(partition, blocks, keep, float(reply.content[METRICS][self.weighted_by_key]))
+        try:
+            relative_keep(self.keep_of(partition), keep)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
+        upload = Upload(partition, blocks, keep, float(reply.content[METRICS][self.weighted_by_key]))
+        return Decoded(blocks, slice_state(self.global_state, keep), upload)
 
     def server_update(self, server_round: int, uploads: Sequence[Upload]) -> State:
         return average_held(self.global_state, uploads, HOLDERS[self.aggregation])
@@ -140,12 +141,8 @@ class Hermes(FederatedStrategy):
             blocks = slice_state(self.global_state, keep)
         return self.down_codec.encode_slices(blocks, keep)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, _ = self._check_and_log_replies(replies, is_train=False)
-        if not valid:
-            return None
-        ordered = self.in_partition_order(valid)
-        metrics = self.evaluate_metrics_aggr_fn([reply.content for reply in ordered], self.weighted_by_key)
+    def aggregate_evaluations(self, server_round: int, replies: Sequence[Message]) -> MetricRecord | None:
+        metrics = self.evaluate_metrics_aggr_fn([reply.content for reply in replies], self.weighted_by_key)
         return MetricRecord({f"personalized_{key}": value for key, value in metrics.items()})
 
     # -- helpers ---------------------------------------------------------------------------------

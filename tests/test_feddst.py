@@ -284,12 +284,12 @@ ROUNDS: list[dict] = []
 class SpyFedDST(FedDST):
     """FedDST that records, per round, the mask before and after the server step and what clients sent."""
 
-    def aggregate_train(self, server_round, replies):
-        replies = list(replies)
+    def aggregate_updates(self, server_round, updates):
+        replies = [u.reply for u in updates]
         before = {n: m.clone() for n, m in self.mask.items()}
         version = self.mask_version
         alpha = self.readjust_alpha(server_round)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_updates(server_round, updates)
         uploads = [(r.content[ARRAYS], payload_bytes(r.content)) for r in replies]
         client_masks = [self.up_codec.decode_masked(record, self.reference, before)[1] for record, _ in uploads]
         ROUNDS.append(dict(round=server_round, alpha=alpha, before=before, after={n: m.clone() for n, m in self.mask.items()},

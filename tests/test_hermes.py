@@ -347,8 +347,10 @@ def test_a_mask_that_grows_is_rejected():
     grown = {"layer.weight": (torch.tensor([True, True, True]), torch.tensor([True, True])),
              "layer.bias": (torch.tensor([True, True, True]),)}
     blocks = {"layer.weight": torch.zeros(3, 2), "layer.bias": torch.zeros(3)}
-    with pytest.raises(ValueError, match="grow"):
-        strategy.aggregate_train(2, [_reply(11, blocks, grown, 3, 11)])
+    masks_before = dict(strategy.masks)
+    assert strategy.aggregate_train(2, [_reply(11, blocks, grown, 3, 11)]) == (None, None)  # refused, not a crash
+    assert len(strategy.rejections[2]) == 1 and "grow" in strategy.rejections[2][0]
+    assert strategy.masks == masks_before
 
 
 def test_state_dict_round_trip():
