@@ -25,13 +25,14 @@ from clients.dense import TrainHyper
 from fl.batchnorm import BN_STATS
 from fl.errors import ConfigError
 from fl.clock import clock_spec
-from fl.faults import FaultSpec
+from fl.faults import HOSTILE_KINDS, FaultSpec
 from fl.hooks import PLUGINS
 from fl.payload import UpdateCodec, get_codec
 from fl.run import EngineSpec
 from fl.server import ServerSpec
 from fl.specs import ClientSpec, DataSpec, ModelSpec, PluginSpec, freeze
 from strategies import STRATEGIES, FederatedStrategy
+from strategies.base import RobustBounds
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,13 @@ ENGINES = ("inprocess", "ray")
 _DATA_KEYS = ("name", "root", "partition")
 # The keys the run reads (a Hydra config group or a section of config.yaml); any other is refused.
 KEYS = ("seed", "num_clients", "fraction_fit", "fraction_evaluate", "min_fit_clients", "min_evaluate_clients", "rounds",
-        "eval_every", "round_timeout", "checkpoint_every", "keep_checkpoint", "resume", "train", "codec", "faults",
+        "eval_every", "round_timeout", "checkpoint_every", "keep_checkpoint", "resume", "train", "codec", "faults", "robust",
         "ray", "plugins", "tensorboard", "progress", "verbose", "strategy", "data", "model", "engine", "device")
 SECTION_KEYS = {
     "train": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "bn_stats"),
     "codec": ("down", "up"),
-    "faults": ("crash", "hang", "late", "nan", "hang_seconds", "late_seconds"),
+    "faults": ("crash", "hang", "late", "nan", "hostile", "hostile_kind", "hang_seconds", "late_seconds"),
+    "robust": ("max_weight_ratio", "max_norm_ratio"),
     "ray": ("address", "num_cpus_per_client"),
     "engine": ("name", "workers", "torch_threads"),
     "device": ("profiles", "deadline_s"),
@@ -106,7 +108,9 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
             raise ConfigError("device.deadline_s", "needs device profiles to time the clients against; "
                                                    "choose them with device=edge_mix or set device.profiles")
     f = c.get("faults") or {}
-    faults = FaultSpec(**{k: _fraction(f, k, allow_zero=True, prefix="faults.") for k in ("crash", "hang", "late", "nan")},
+    faults = FaultSpec(**{k: _fraction(f, k, allow_zero=True, prefix="faults.")
+                          for k in ("crash", "hang", "late", "nan") + (("hostile",) if "hostile" in f else ())},
+                       hostile_kind=_choice(f, "hostile_kind", HOSTILE_KINDS, prefix="faults."),
                        hang_seconds=_float(f, "hang_seconds", minimum=0.0, prefix="faults."),
                        late_seconds=_float(f, "late_seconds", minimum=0.0, prefix="faults."), seed=seed)
     codec = c.get("codec") or {}
@@ -140,7 +144,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
     make_strategy = _strategy_factory(c["strategy"], dict(
         fraction_train=fraction_fit, fraction_evaluate=fraction_evaluate, min_train_nodes=min_fit,
         min_evaluate_nodes=min_eval if fraction_evaluate > 0 else 0, min_available_nodes=num_clients,
-    ), dict(seed=seed, down_codec=down, up_codec=up),
+    ), dict(seed=seed, down_codec=down, up_codec=up, robust=_robust(c.get("robust") or {})),
         # given only to strategies that declare them (e.g. DELTA needs the model's architecture)
         dict(build_model=lambda: model.build_for(federation), test_set=federation.test))
 
@@ -300,6 +304,16 @@ def _float(c: Mapping[str, Any], key: str, *, minimum: float, prefix: str = "", 
     if value < minimum or (exclusive and value == minimum):
         raise ConfigError(prefix + key, f"must be {'>' if exclusive else '>='} {minimum}, got {value}")
     return value
+
+
+def _robust(c: Mapping[str, Any]) -> RobustBounds:
+    bounds = {}
+    for key in SECTION_KEYS["robust"]:
+        value = c.get(key, getattr(RobustBounds, key))
+        if value is not None:
+            value = _float(c, key, minimum=1.0, prefix="robust.") if key in c else value
+        bounds[key] = value
+    return RobustBounds(**bounds)
 
 
 def _bool(c: Mapping[str, Any], key: str, default: bool, *, prefix: str = "") -> bool:

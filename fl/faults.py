@@ -5,6 +5,12 @@ For each (round, partition) a generator seeded from the run seed decides, indepe
   hang   (``hang``): the client sleeps ``hang_seconds`` (set it past ``round_timeout``) then replies
   late   (``late``): the client sleeps a uniform fraction of ``late_seconds`` then replies
   nan    (``nan``): the client's update has a NaN in it (to exercise update validation)
+A share ``hostile`` of the partitions (round(hostile * N), drawn once from the run seed) is hostile
+in every round:
+  huge          (``hostile_kind``): every floating value it uploads is 3e38 (finite in float32)
+  inflate       it claims ``num-examples`` = 1e30
+  nan_examples  it claims ``num-examples`` = NaN
+  misshapen     an uploaded tensor's metadata keeps its shape, but its bytes hold the flattened array
 Only train messages are affected. A mod is Flower's middleware for ClientApps, so the ClientApp,
 the trainers and everything a real SuperNode runs stay untouched; the simulator adds the mod.
 """
@@ -18,9 +24,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from fl.keys import ARRAYS, CONFIG, PARTITION_ID, SERVER_ROUND
+from fl.keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
 
 _FAULT_STREAM = 0xFA17
+_HOSTILE_STREAM = 0x4057
+HOSTILE_KINDS = ("huge", "inflate", "nan_examples", "misshapen")
+HUGE = 3e38
+INFLATED_EXAMPLES = 1e30
 
 
 @dataclass(frozen=True)
@@ -29,13 +39,22 @@ class FaultSpec:
     hang: float = 0.0
     late: float = 0.0
     nan: float = 0.0
+    hostile: float = 0.0
+    hostile_kind: str = "huge"
     hang_seconds: float = 30.0
     late_seconds: float = 1.0
     seed: int = 0
 
     @property
     def active(self) -> bool:
-        return any(p > 0 for p in (self.crash, self.hang, self.late, self.nan))
+        return any(p > 0 for p in (self.crash, self.hang, self.late, self.nan, self.hostile))
+
+    def is_hostile(self, partition: int, num_partitions: int) -> bool:
+        """Exactly round(hostile * N) of the N partitions, the same ones in every round."""
+        if self.hostile <= 0:
+            return False
+        order = np.random.default_rng([self.seed, _HOSTILE_STREAM]).permutation(num_partitions)
+        return partition in set(order[:round(self.hostile * num_partitions)].tolist())
 
     def draw(self, server_round: int, partition: int) -> dict[str, float]:
         u = np.random.default_rng([self.seed, _FAULT_STREAM, server_round, partition]).random(5)
@@ -61,6 +80,14 @@ def fault_mod(spec: FaultSpec):
         reply = call_next(msg, context)
         if fate["nan"] and reply.has_content():
             reply.content[ARRAYS] = _with_nan(reply.content[ARRAYS])
+        if reply.has_content() and spec.is_hostile(int(context.node_config[PARTITION_ID]),
+                                                    int(context.node_config[NUM_PARTITIONS])):
+            if spec.hostile_kind == "huge":
+                reply.content[ARRAYS] = _huge(reply.content[ARRAYS])
+            elif spec.hostile_kind == "misshapen":
+                reply.content[ARRAYS] = _misshapen(reply.content[ARRAYS])
+            else:
+                reply.content[METRICS][NUM_EXAMPLES] = INFLATED_EXAMPLES if spec.hostile_kind == "inflate" else float("nan")
         return reply
 
     return mod
@@ -75,3 +102,23 @@ def _with_nan(record: ArrayRecord) -> ArrayRecord:
             arrays[name] = value
             break
     return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+
+
+def _huge(record: ArrayRecord) -> ArrayRecord:
+    arrays = {name: array.numpy() for name, array in record.items()}
+    return ArrayRecord({name: Array(np.full_like(value, HUGE) if np.issubdtype(value.dtype, np.floating) else value)
+                        for name, value in arrays.items()})
+
+
+def _misshapen(record: ArrayRecord) -> ArrayRecord:
+    """The first floating array's bytes replaced by a reshaped copy (flattened, or a 1-D array as
+    one row), under metadata that still gives the original shape."""
+    out, done = {}, False
+    for name, array in record.items():
+        value = array.numpy()
+        if not done and np.issubdtype(value.dtype, np.floating) and value.size > 1:
+            reshaped = value.reshape(-1) if value.ndim > 1 else value.reshape(1, -1)
+            array = Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=Array(reshaped).data)
+            done = True
+        out[name] = array
+    return ArrayRecord(out)
