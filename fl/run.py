@@ -16,10 +16,9 @@ from flwr.app import Context, RecordDict
 
 from clients.app import build_client_app, first_train_time
 from fl.checkpoint import Checkpoint
-from fl.faults import FaultSpec, fault_mod
 from fl.engine.inprocess import InProcessGrid
+from fl.faults import FaultSpec, fault_mod
 from fl.results import write_results
-from fl.threads import STARTUP_THREADS  # noqa: F401  (read before the engine pins the clients' threads)
 from fl.server import RunOutcome, ServerSpec, StopRequest, build_server_app, finish_only, run_server
 
 

@@ -4,8 +4,8 @@ An engine pins torch's thread count for its clients (``engine.torch_threads``), 
 depend on the thread count (reductions split differently). A central step that ran at whatever the
 process happened to be set to would build a different model under ``fl.simulate`` than under
 ``python -m fl.delta.pretrain``, behind the same cache key. So the central steps run at an explicit
-count, or else at torch's own default for this machine, read when this module is first imported
-(before any engine changes it).
+count, or else at torch's own default for this machine, read when the ``fl`` package is first imported
+(``fl/__init__.py`` imports this module, before any engine or test can change it).
 """
 
 from __future__ import annotations
