@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients.dense import TrainHyper  # noqa: E402
 from fl.data import build_federation  # noqa: E402
+from fl.local_training import TrainHyper  # noqa: E402
 from plugins.agilenn.network import agilenn  # noqa: E402
 from plugins.agilenn.selection import permute_channels, ranking, topk_counts  # noqa: E402
 from plugins.agilenn.training import (AgileHyper, AgileLoss, measure, optimizer_for, plain_loss,  # noqa: E402

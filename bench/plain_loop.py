@@ -21,7 +21,7 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from clients.dense import ClientData, TrainHyper, evaluate, train_dense  # noqa: E402
+from fl.local_training import ClientData, TrainHyper, evaluate, train_dense  # noqa: E402
 from fl.sampling import sample_partitions, seed_for  # noqa: E402
 from fl.specs import DataSpec, ModelSpec, freeze  # noqa: E402
 from strategies import weighted_mean  # noqa: E402

@@ -14,9 +14,9 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.dense import ClientData
 from clients.trainer import TRAINER, TRAINERS, ClientEnv, evaluator_for
 from fl.keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
+from fl.local_training import ClientData
 from fl.sampling import seed_for
 from fl.specs import ClientSpec
 

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord
 
-from clients.dense import ClientData, evaluate
 from clients.resident import borrowed_model
 from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer, slice_codec_from
 from fl.delta.network import DeltaArch, FusedDelta, fnc_loss, fuse, group_lasso
@@ -31,6 +30,7 @@ from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN
                              VAL_FRACTION, WIDTH, WITH_FROZEN, download_layout, is_frozen, same_keep,
                              template_state, upload_layout)
 from fl.keys import CODEC, NUM_EXAMPLES, UP_CODEC
+from fl.local_training import ClientData, evaluate
 
 NAME = "delta"  # the trainer and evaluator name the server puts in config["trainer"]
 TIER_WIDTH = "tier_width"  # metric: the client's width

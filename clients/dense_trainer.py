@@ -1,13 +1,13 @@
 """The ``dense`` trainer and evaluator: FedAvg's client step on the whole model
-(``clients.dense.train_dense``) and accuracy of the received model on the client's own data."""
+(``fl.local_training.train_dense``) and accuracy of the received model on the client's own data."""
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord
 
-from clients.dense import evaluate, train_dense
 from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer
 from fl.keys import CODEC, UP_CODEC
+from fl.local_training import evaluate, train_dense
 from fl.payload import decode_shared, encode_reply, get_codec
 
 

@@ -6,7 +6,7 @@ One round on client k, holding the channel mask m_k (only ever shrinks):
     1. decode its kept channels + channel bitmap (``channel_slice_*`` codec) and build the
        physically smaller model: torch-pruning removes the pruned channels from a copy of the
        dense architecture (``clients.channels``), then the received blocks are loaded into it
-    2. E epochs of SGD on its training split (``clients.dense.train_dense``)
+    2. E epochs of SGD on its training split (``fl.local_training.train_dense``)
     3. local accuracy on its held-out split (``fl.data.client_split``, ``val_fraction``)
     4. if local accuracy >= the threshold and some layer is below the target: prune ``step`` of
        each conv/linear layer's remaining output channels (classifier excepted) with the lowest
@@ -31,10 +31,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.channels import ChannelPruner, pruned_fraction
-from clients.dense import evaluate, train_dense
 from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer, slice_codec_from
 from fl.errors import ConfigError
 from fl.keys import CODEC, NUM_EXAMPLES, UP_CODEC
+from fl.local_training import evaluate, train_dense
 from fl.payload import kept_entries, relative_keep, slice_state
 
 NAME = "hermes"  # the trainer and evaluator name the server puts in config["trainer"]

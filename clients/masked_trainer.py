@@ -34,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from clients.dense import ClientData, TrainHyper
 from clients.trainer import ClientEnv, hyper_from, register_trainer
-from fl.batchnorm import smallest_batch, statistics_after, statistics_before
+from fl.batchnorm import smallest_batch
 from fl.keys import CODEC, UP_CODEC
+from fl.local_training import ClientData, TrainHyper, statistics_after, statistics_before
 from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap
 
 # Message keys of the FedDST protocol (the strategy imports them from here).

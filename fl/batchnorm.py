@@ -31,18 +31,14 @@ run (AgileNN's remote head while the extractor is pretrained) keep their statist
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from clients.dense import ClientData, TrainHyper
-
-State = dict[str, Tensor]
 
 BN_STATS = ("global", "local", "ema")
-_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def smallest_batch(model: nn.Module) -> int:
@@ -51,32 +47,6 @@ def smallest_batch(model: nn.Module) -> int:
     one image: in AgileNN on MNIST that step's gradient on the first conv was 122 against 1.7-3.1
     for batches of 16, and the kernel's norm grew from 0.65 to 6.5 within the round (measured)."""
     return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
-
-
-def statistics_before(model: nn.Module, data: ClientData, hyper: TrainHyper,
-                      forward: Callable[[Tensor], Tensor] | None = None) -> State | None:
-    """Before local training (``global``): the received weights' statistics, recomputed in place
-    and returned by state-dict name, for ``statistics_after`` to put back."""
-    if hyper.bn_stats != "global":
-        return None
-    reached = _recompute_on(model, data, hyper, forward)
-    names = {id(m): name for name, m in model.named_modules()}
-    return {f"{names[id(m)]}.{b}": getattr(m, b).detach().clone() for m in reached for b in _BUFFERS}
-
-
-def statistics_after(model: nn.Module, data: ClientData, hyper: TrainHyper, before: State | None,
-                     forward: Callable[[Tensor], Tensor] | None = None) -> None:
-    """After local training: leave in ``model`` the statistics ``hyper.bn_stats`` names."""
-    if hyper.bn_stats == "global" and before:
-        model.load_state_dict(before, strict=False)
-    elif hyper.bn_stats == "local":
-        _recompute_on(model, data, hyper, forward)
-
-
-def _recompute_on(model: nn.Module, data: ClientData, hyper: TrainHyper,
-                  forward: Callable[[Tensor], Tensor] | None) -> list[nn.Module]:
-    model.train()
-    return recompute_batchnorm(model, data.batches(hyper.batch_size, None, smallest_batch(model)), forward)
 
 
 @torch.no_grad()

@@ -20,17 +20,17 @@ from flwr.serverapp.strategy import Strategy
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-import plugins as _shipped_plugins  # noqa: F401  (declares the shipped plugins' names)
-from clients.dense import TrainHyper
 from fl.batchnorm import BN_STATS
-from fl.errors import ConfigError
 from fl.clock import clock_spec
+from fl.errors import ConfigError
 from fl.faults import HOSTILE_KINDS, FaultSpec
 from fl.hooks import PLUGINS
+from fl.local_training import TrainHyper
 from fl.payload import UpdateCodec, get_codec
 from fl.run import EngineSpec
 from fl.server import ServerSpec
 from fl.specs import ClientSpec, DataSpec, ModelSpec, PluginSpec, freeze
+import plugins as _shipped_plugins  # noqa: F401  (declares the shipped plugins' names)
 from strategies import STRATEGIES, FederatedStrategy
 from strategies.base import RobustBounds
 

@@ -8,14 +8,15 @@ knows nothing of Flower, Ray or the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
-from fl.batchnorm import smallest_batch, statistics_after, statistics_before
+from fl.batchnorm import BUFFERS, recompute_batchnorm, smallest_batch
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,32 @@ def batch_bounds(n: int, batch_size: int, min_size: int = 1) -> list[tuple[int, 
     if len(starts) > 1 and n - starts[-1] < min_size:
         starts.pop()
     return list(zip(starts, starts[1:] + [n]))
+
+
+def statistics_before(model: nn.Module, data: ClientData, hyper: TrainHyper,
+                      forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor] | None:
+    """Before local training (``global``): the received weights' statistics, recomputed in place
+    and returned by state-dict name, for ``statistics_after`` to put back."""
+    if hyper.bn_stats != "global":
+        return None
+    reached = _recompute_on(model, data, hyper, forward)
+    names = {id(m): name for name, m in model.named_modules()}
+    return {f"{names[id(m)]}.{b}": getattr(m, b).detach().clone() for m in reached for b in BUFFERS}
+
+
+def statistics_after(model: nn.Module, data: ClientData, hyper: TrainHyper, before: dict[str, Tensor] | None,
+                     forward: Callable[[Tensor], Tensor] | None = None) -> None:
+    """After local training: leave in ``model`` the statistics ``hyper.bn_stats`` names."""
+    if hyper.bn_stats == "global" and before:
+        model.load_state_dict(before, strict=False)
+    elif hyper.bn_stats == "local":
+        _recompute_on(model, data, hyper, forward)
+
+
+def _recompute_on(model: nn.Module, data: ClientData, hyper: TrainHyper,
+                  forward: Callable[[Tensor], Tensor] | None) -> list[nn.Module]:
+    model.train()
+    return recompute_batchnorm(model, data.batches(hyper.batch_size, None, smallest_batch(model)), forward)
 
 
 def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator: torch.Generator) -> dict[str, float]:

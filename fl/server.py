@@ -31,13 +31,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
-from clients.dense import ClientData, TrainHyper, evaluate
 from fl.checkpoint import Checkpoint, kill_point, save_checkpoint
 from fl.clock import ClockSpec
 from fl.engine.metered import MeteredGrid
 from fl.errors import ConfigError
 from fl.hooks import Plugin, RunView
 from fl.keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
+from fl.local_training import ClientData, TrainHyper, evaluate
 from fl.runlog import METRICS_FILE, RunLogger
 from fl.specs import ClientSpec
 

@@ -3,7 +3,7 @@ Data", AISTATS 2017), Algorithm 1:
 
     configure:  sample m = max(C * K, min) clients with the run's seeded sampler and send each
                 the global weights w_t (dense payload, ``down_codec``)
-    train:      each client runs ClientUpdate: E epochs of SGD with batch B (``clients.dense``)
+    train:      each client runs ClientUpdate: E epochs of SGD with batch B (``fl.local_training``)
     aggregate:  w_{t+1} = sum_k (n_k / n) w_{t+1}^k   (``weighted_mean``, in partition order)
 
 Sampling, codecs, reply ordering and the screening of every reply come from ``FederatedStrategy``

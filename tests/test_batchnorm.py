@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from clients.dense import ClientData, TrainHyper, train_dense
 from fl.batchnorm import recompute_batchnorm
 from fl.errors import ConfigError
+from fl.local_training import ClientData, TrainHyper, train_dense
 
 
 class _Images:

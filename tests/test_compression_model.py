@@ -118,7 +118,7 @@ def _run_view(test_size=120):
 
 
 def test_plugin_reports_a_before_after_table_on_the_final_model():
-    from clients.dense import ClientData, evaluate
+    from fl.local_training import ClientData, evaluate
 
     run = _run_view()
     plugin = ModelCompression(structured_ratio=0.5, unstructured_amount=0.5, quantization="static",

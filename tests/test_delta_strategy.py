@@ -12,7 +12,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.delta_trainer import delta, delta_evaluate
-from clients.dense import ClientData
 from clients.trainer import TRAINER, ClientEnv
 from fl.delta.network import DeltaArch, FusedDelta, delta_params, tier_shapes
 from fl.delta.slices import (FROZEN_STATE, WIDTH, WITH_FROZEN, blocks_for, download_layout, is_frozen,
@@ -20,6 +19,7 @@ from fl.delta.slices import (FROZEN_STATE, WIDTH, WITH_FROZEN, blocks_for, downl
 from fl.directory import NodeDirectory
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, DELTA_TIER, EPOCHS, LR, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fl.local_training import ClientData
 from fl.payload import get_codec, payload_bytes
 from fl.runlog import read_metrics
 from fl.specs import ClientSpec, DataSpec, ModelSpec, freeze

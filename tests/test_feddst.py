@@ -13,15 +13,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from clients.dense import ClientData, TrainHyper
 from clients.masked_trainer import MASK_VERSION, readjust_count, readjust_masks, train_masked
 from fl.data.imageset import ImageSet
+from fl.errors import ConfigError
 from fl.keys import ARRAYS, METRICS, NUM_EXAMPLES
+from fl.local_training import ClientData, TrainHyper
 from fl.models import get_model
 from fl.payload import decode_bitmap, encode_bitmap, get_codec, has_bitmap, payload_bytes
 from fl.runlog import read_metrics
 from strategies.feddst import FedDST, erk_budgets, holder_weighted_mean
-from fl.errors import ConfigError
 from tests.helpers import SMALL, SMALL_SYNTHETIC, compose_config, run_inprocess
 
 NPY_HEADER = 128  # bytes NumPy's .npy header takes for each 1-D array Flower serializes

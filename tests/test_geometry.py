@@ -139,7 +139,7 @@ def test_corruption_rejects_unknown_names_and_severities():
 
 def test_misclassified_samples_have_larger_angle_and_smaller_length():
     """The paper's observation, on a small CNN trained briefly on the synthetic data."""
-    from clients.dense import ClientData, TrainHyper, train_dense
+    from fl.local_training import ClientData, TrainHyper, train_dense
     from fl.data import build_federation
     from fl.models import get_model
 

@@ -16,7 +16,7 @@ from fl.errors import ConfigError
 from fl.models import ZooModel, describe, get_model, list_models, model_profile, register_model
 from fl.models.resnet import BasicBlock
 from fl.models.tv import TorchvisionClassifier
-import plugins  # noqa: F401,E402  (plugins register their models too: the list below is then complete)
+import plugins  # noqa: F401,E402  (plugins declare their models too: the list below is then complete)
 
 ALL_MODELS = list_models()
 # Models that must also run on MNIST-shaped input (plus one torchvision network, whose stem is swapped).

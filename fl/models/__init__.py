@@ -13,7 +13,10 @@ from fl.models._api import MODELS, ZooModel, describe, get_model, list_models, m
 # Importing the model modules registers their builders.
 from fl.models import cnn, mobilenet, resnet, tv, vgg  # noqa: E402,F401  isort: skip
 from fl.models.tv import register_torchvision  # noqa: E402
-from fl.delta import models as _delta_models  # noqa: E402,F401  (registers delta_fused and pretrained)
+
+# DELTA's entries sit above the zoo (they build from it), so they are declared, not imported.
+MODELS.declare("delta_fused", "fl.delta.models")
+MODELS.declare("pretrained", "fl.delta.models")
 
 __all__ = [
     "MODELS",

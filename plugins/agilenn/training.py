@@ -29,7 +29,7 @@ from plugins.agilenn.losses import disorder_rate, objective, skewness
 from plugins.agilenn.network import AgileNet
 
 if TYPE_CHECKING:  # clients imports this module (its agilenn trainer): no import back at run time
-    from clients.dense import ClientData, TrainHyper
+    from fl.local_training import ClientData, TrainHyper
 
 Loss = Callable[[AgileNet, Tensor, Tensor], tuple[Tensor, Tensor, dict[str, float]]]
 

@@ -48,9 +48,9 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from clients.dense import ClientData, TrainHyper, evaluate, train_dense
 from fl import figures
 from fl.hooks import Plugin, Report, RunView, register_plugin
+from fl.local_training import ClientData, TrainHyper, evaluate, train_dense
 from fl.models import model_profile
 from plugins.compression.techniques import (QUANTIZATIONS, count_params, fp16_state, load_pruned, quantize,
                                             quantized_engine, save_pruned, serialized_size, structured_prune,

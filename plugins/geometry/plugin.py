@@ -7,7 +7,7 @@ the central test set:
    same over correctly and wrongly classified samples (scalars ``global/...``), histograms of
    the three over all samples;
 2. chosen clients (``clients: [partition ids]``): the client's round-t model is rebuilt on the
-   server by running the client's own trainer (``clients.dense.train_dense``) from the global
+   server by running the client's own trainer (``fl.local_training.train_dense``) from the global
    model w_t it received, on its own partition, with the generator seed the ClientApp uses
    (``fl.sampling.seed_for(seed, t, partition)``). With the run's training settings (the
    config interpolates ``${train.*}`` and ``${seed}``) this is the model that client trained,
@@ -48,8 +48,8 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from clients.dense import ClientData, TrainHyper, train_dense
 from fl.hooks import Plugin, Report, RunView, register_plugin
+from fl.local_training import ClientData, TrainHyper, train_dense
 from fl.sampling import seed_for
 from plugins.geometry.corruptions import CORRUPTIONS, corrupt
 from plugins.geometry.metrics import METRICS, Geometry, finite, measure, shift, summarize
