@@ -1,10 +1,20 @@
 """The ServerApp: builds the strategy and drives Flower's ``Strategy.start`` round loop.
 
-``Strategy.start`` owns the loop (STYLE rule 2). This module fills the two places Flower leaves
-open: the Grid (wrapped in ``MeteredGrid`` to count bytes) and ``evaluate_fn``, which Flower
-calls before round 1 and after every round. ``RoundReporter`` is that callback: it evaluates the
-global model centrally, closes the round's traffic, calls the plugins' server hooks and writes
-the round's row through the run logger.
+``Strategy.start`` owns the loop (STYLE rule 2). This module fills the places Flower leaves open,
+each job in one home:
+
+    MeteredGrid        the Grid, counting every message's bytes (``fl.engine.metered``)
+    RunRounds          the strategy as the run drives it: rounds numbered on from a checkpoint,
+                       the round's aggregated client metrics kept for its row
+    RoundReporter      Flower's ``evaluate_fn`` (before round 1 and after every round): the round's row
+    CentralEvaluation  the global model on the central test set
+    PluginHooks        the plugins' server hooks
+    RunLogger          metrics.jsonl and TensorBoard (``fl.runlog``)
+    Progress           the progress bar
+    checkpoint()       ``checkpoint.pt`` (``fl.checkpoint``)
+
+What the server asks of a strategy beyond Flower's ``Strategy`` (its state, its rejected updates,
+its own evaluation) is ``fl.served.ServedStrategy``; a plain Flower strategy gets neutral answers.
 
 Stopping and resuming: ``StopRequest`` turns SIGTERM and SIGINT into a stop at a clean point (the
 round in progress finishes, is logged and checkpointed, then ``RunStopped`` ends the run); a second
@@ -16,6 +26,7 @@ checkpoint is its last round only runs the plugins' ``on_run_end`` (``finish_onl
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -39,7 +50,10 @@ from fl.hooks import Plugin, RunView
 from fl.keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.local_training import ClientData, TrainHyper, evaluate
 from fl.runlog import METRICS_FILE, RunLogger
+from fl.served import ServedStrategy, served
 from fl.specs import ClientSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,26 +138,132 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class RoundReporter:
-    """Flower's ``evaluate_fn``: called with round 0 before training and after every round."""
+class CentralEvaluation:
+    """The global model on the central test set: before round 1, after the last round and every
+    ``eval_every`` rounds, by the strategy's own ``evaluate_global`` or else by the run's model."""
 
-    def __init__(self, spec: ServerSpec, grid: MeteredGrid, logger: RunLogger, plugins: list[Plugin], view: RunView,
-                 checkpoint: Callable[[int, ArrayRecord], None] | None = None, resumed: dict[str, Any] | None = None,
-                 stop: StopRequest | None = None):
-        self.spec, self.grid, self.logger, self.plugins, self.view = spec, grid, logger, plugins, view
-        self.checkpoint, self.stop = checkpoint, stop
-        self.rejections: dict[int, list[str]] = {}  # the strategy's record of rejected updates, if it keeps one
-        # A strategy may evaluate its own global model: evaluate_global(arrays, test_data) -> {"accuracy", "loss", ...}
-        self.evaluate_global: Callable[[ArrayRecord, ClientData], dict[str, float]] | None = None
+    def __init__(self, spec: ServerSpec, view: RunView, strategy: ServedStrategy):
         federation = spec.client.data.federation()
         self.test_data = ClientData(federation.test, np.arange(len(federation.test)))
         self.model = view.build_model()
+        self.strategy, self.every, self.rounds, self.threads = strategy, spec.eval_every, spec.rounds, spec.eval_threads
+
+    def due(self, server_round: int) -> bool:
+        return server_round in (0, self.rounds) or (self.every > 0 and server_round % self.every == 0)
+
+    def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
+        with torch_threads(self.threads):
+            result = self.strategy.evaluate_global(arrays, self.test_data)
+            if result is None:
+                self.model.load_state_dict(arrays.to_torch_state_dict())
+                result = evaluate(self.model, self.test_data)
+        return dict(result)
+
+
+class PluginHooks:
+    """The plugins' server-side hooks (``fl.hooks.Plugin``), each report written by the run logger;
+    the ``after_*`` hooks return the scalars their reports put in the round's row."""
+
+    def __init__(self, plugins: list[Plugin], view: RunView, logger: RunLogger, rounds: int):
+        self.plugins, self.view, self.logger, self.rounds = plugins, view, logger, rounds
+
+    def run_start(self) -> None:
+        for plugin in self.plugins:
+            self.logger.log_report(plugin.name, _run_start(plugin, self.view), 0)
+
+    def before_round(self, server_round: int) -> None:
+        if server_round <= self.rounds:
+            for plugin in self.plugins:
+                self.logger.log_report(plugin.name, plugin.before_round(self.view, server_round), server_round)
+
+    def after_aggregate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        scalars: dict[str, float] = {}
+        for plugin in self.plugins:
+            scalars.update(self.logger.log_report(plugin.name, plugin.after_aggregate(self.view, server_round, arrays),
+                                                  server_round))
+        return scalars
+
+    def after_round(self, server_round: int, row: dict[str, Any]) -> dict[str, float]:
+        scalars: dict[str, float] = {}
+        for plugin in self.plugins:
+            scalars.update(self.logger.log_report(plugin.name, plugin.after_round(self.view, server_round, row), server_round))
+        return scalars
+
+    def run_end(self) -> None:
+        for plugin in self.plugins:
+            self.logger.log_report(plugin.name, plugin.on_run_end(self.view), self.rounds)
+
+
+class Progress:
+    """The rounds progress bar (tqdm), with the upload so far and the last accuracy."""
+
+    def __init__(self, rounds: int, done: int, enabled: bool):
+        self.bar = tqdm(total=rounds, initial=done, desc="rounds", unit="round", disable=not enabled, dynamic_ncols=True)
+
+    def advance(self, cum_up: int, accuracy: float | None) -> None:
+        self.bar.update(1)
+        postfix = {"up_MiB": f"{cum_up / 2**20:.1f}"}
+        if accuracy is not None:
+            postfix["acc"] = f"{accuracy:.3f}"
+        self.bar.set_postfix(postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class RunRounds(Strategy):
+    """The strategy as the run drives it: rounds numbered on from a checkpoint (Flower's ``start``
+    counts from 1) and the round's aggregated client metrics kept for its row."""
+
+    def __init__(self, inner: Strategy, offset: int = 0):
+        self.inner, self.offset = inner, offset
+        self.train_metrics: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] = {}
+
+    def summary(self) -> None:  # Flower's ``start`` names this wrapper's class first
+        log.info("\t%s%s", type(self.inner).__name__, f", resumed after round {self.offset}" if self.offset else "")
+        self.inner.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        kill_point(f"aggregate:{server_round + self.offset}")  # test hook: mid-round, replies in hand
+        arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
+        self.train_metrics = dict(metrics or {})
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        metrics = self.inner.aggregate_evaluate(server_round + self.offset, replies)
+        self.eval_metrics = dict(metrics or {})
+        return metrics
+
+    def take_metrics(self) -> dict[str, float]:
+        """The last round's client metrics as row keys (``train/...``, ``fed_eval/...``), once."""
+        taken = {**{f"train/{k}": v for k, v in self.train_metrics.items()},
+                 **{f"fed_eval/{k}": v for k, v in self.eval_metrics.items()}}
+        self.train_metrics, self.eval_metrics = {}, {}
+        return taken
+
+
+class RoundReporter:
+    """Flower's ``evaluate_fn``, called with round 0 before training and after every round: the
+    round's row, in order: plugins' ``after_aggregate``, traffic, central evaluation, client
+    metrics, plugins' ``after_round``, the run log, progress, checkpoint, next round's hooks."""
+
+    def __init__(self, spec: ServerSpec, grid: MeteredGrid, logger: RunLogger, hooks: PluginHooks,
+                 evaluation: CentralEvaluation, rounds: RunRounds, strategy: ServedStrategy,
+                 checkpoint: Callable[[int, ArrayRecord], None] | None = None, resumed: dict[str, Any] | None = None,
+                 stop: StopRequest | None = None):
+        self.spec, self.grid, self.logger, self.hooks, self.evaluation = spec, grid, logger, hooks, evaluation
+        self.run_rounds, self.strategy, self.checkpoint, self.stop = rounds, strategy, checkpoint, stop
         self.cum_up = 0
         self.cum_down = 0
         self.cum_sim_s = 0.0
         self.started = time.time()
-        self.train_metrics: dict[str, float] = {}
-        self.eval_metrics: dict[str, float] = {}
         self.rows: list[dict[str, Any]] = []
         self.offset = 0  # rounds already done before this process (a resumed run)
         self.initial: tuple[ArrayRecord, Any, float] | None = None  # round 0, reported after round 1
@@ -153,28 +273,12 @@ class RoundReporter:
             self.offset = int(resumed["round"])
             self.started -= float(resumed["wall_s"])
         self.checkpointed = self.offset  # the last round whose checkpoint is in place
-        self.bar = tqdm(total=spec.rounds, initial=self.offset, desc="rounds", unit="round", disable=not spec.progress,
-                        dynamic_ncols=True)
+        self.progress = Progress(spec.rounds, self.offset, spec.progress)
 
     def state(self, server_round: int) -> dict[str, Any]:
         return {"round": server_round, "cum_up": self.cum_up, "cum_down": self.cum_down, "rows": self.rows,
                 "cum_sim_s": self.cum_sim_s, "control_bytes": self.grid.control_bytes,
                 "wall_s": time.time() - self.started}
-
-    def record_train(self, aggregate):
-        def wrapped(server_round, replies):
-            kill_point(f"aggregate:{server_round}")  # test hook: mid-round, replies in hand (absolute round)
-            arrays, metrics = aggregate(server_round, replies)
-            self.train_metrics = dict(metrics or {})
-            return arrays, metrics
-        return wrapped
-
-    def record_evaluate(self, aggregate):
-        def wrapped(server_round, replies):
-            metrics = aggregate(server_round, replies)
-            self.eval_metrics = dict(metrics or {})
-            return metrics
-        return wrapped
 
     def __call__(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = flower_round + self.offset
@@ -184,7 +288,7 @@ class RoundReporter:
                 # The initial model is evaluated and logged after round 1's replies are in, so that the
                 # first clients start training at once (the row is the same; only its timing moves).
                 self.initial = (arrays, traffic, round(time.time() - self.started, 4))  # strategies never mutate it
-            self._before_round(server_round + 1)
+            self.hooks.before_round(server_round + 1)
             return None
         if self.initial is not None:
             self._report(0, *self.initial)
@@ -192,26 +296,13 @@ class RoundReporter:
         return self._report(server_round, arrays, self.grid.close_round())
 
     def _report(self, server_round: int, arrays: ArrayRecord, traffic: Any, wall_s: float | None = None) -> MetricRecord | None:
-        plugin_scalars: dict[str, float] = {}
-        if server_round > 0:
-            for plugin in self.plugins:
-                plugin_scalars.update(self.logger.log_report(plugin.name, plugin.after_aggregate(self.view, server_round, arrays), server_round))
+        plugin_scalars = self.hooks.after_aggregate(server_round, arrays) if server_round > 0 else {}
         self.cum_up += traffic.up_bytes
         self.cum_down += traffic.down_bytes
         self.cum_sim_s += traffic.sim_s
-        evaluated = server_round == 0 or server_round == self.spec.rounds or (
-            self.spec.eval_every > 0 and server_round % self.spec.eval_every == 0)
-        accuracy = loss = None
-        extra_eval: dict[str, float] = {}
-        if evaluated:
-            with torch_threads(self.spec.eval_threads):
-                if self.evaluate_global is not None:  # a strategy whose global model is not the run's model
-                    result = dict(self.evaluate_global(arrays, self.test_data))
-                else:
-                    self.model.load_state_dict(arrays.to_torch_state_dict())
-                    result = evaluate(self.model, self.test_data)
-            accuracy, loss = result.pop("accuracy"), result.pop("loss")
-            extra_eval = {f"eval/{k}": v for k, v in result.items()}
+        evaluated = self.evaluation.due(server_round)
+        result = self.evaluation(arrays) if evaluated else {}
+        accuracy, loss = result.pop("accuracy", None), result.pop("loss", None)
         row: dict[str, Any] = {
             "round": server_round,
             "accuracy": accuracy,
@@ -222,30 +313,23 @@ class RoundReporter:
             "cum_down_bytes": self.cum_down,
             "clients": traffic.clients,
             "failures": traffic.failures,
-            "rejected": len(self.rejections.get(server_round, [])),
+            "rejected": len(self.strategy.rejected(server_round)),
             "stragglers": traffic.stragglers,
             "wall_s": round(time.time() - self.started, 4) if wall_s is None else wall_s,
         }
         if self.spec.clock is not None:
             row["sim_s"] = traffic.sim_s
             row["cum_sim_s"] = self.cum_sim_s
-        row.update(extra_eval)
+        row.update({f"eval/{k}": v for k, v in result.items()})
         if server_round > 0:  # the deferred round-0 row must not take round 1's client metrics
-            row.update({f"train/{k}": v for k, v in self.train_metrics.items()})
-            row.update({f"fed_eval/{k}": v for k, v in self.eval_metrics.items()})
-            self.train_metrics, self.eval_metrics = {}, {}
-        for plugin in self.plugins:
-            plugin_scalars.update(self.logger.log_report(plugin.name, plugin.after_round(self.view, server_round, row), server_round))
+            row.update(self.run_rounds.take_metrics())
+        plugin_scalars.update(self.hooks.after_round(server_round, row))
         row.update(plugin_scalars)
         self.logger.log_round(row, traffic.per_client_up)
         self.rows.append(row)
         kill_point(f"logged:{server_round}")  # test hook: the row is in metrics.jsonl, its checkpoint is not
         if server_round > 0:
-            self.bar.update(1)
-            postfix = {"up_MiB": f"{self.cum_up / 2**20:.1f}"}
-            if accuracy is not None:
-                postfix["acc"] = f"{accuracy:.3f}"
-            self.bar.set_postfix(postfix)
+            self.progress.advance(self.cum_up, accuracy)
         every = self.spec.checkpoint_every
         stopping = self.stop is not None and self.stop.signum is not None and server_round > 0
         if self.checkpoint is not None and server_round > 0 and (stopping or every > 0 and (
@@ -258,13 +342,8 @@ class RoundReporter:
         if stopping:
             raise RunStopped(self.checkpointed, self.stop.signum)
         if server_round > 0:  # round 1's hooks ran before it started
-            self._before_round(server_round + 1)
+            self.hooks.before_round(server_round + 1)
         return MetricRecord({"accuracy": accuracy, "loss": loss}) if evaluated else None
-
-    def _before_round(self, server_round: int) -> None:
-        if server_round <= self.spec.rounds:
-            for plugin in self.plugins:
-                self.logger.log_report(plugin.name, plugin.before_round(self.view, server_round), server_round)
 
 
 def run_server(grid: Grid | None, spec: ServerSpec, plugins: list[Plugin], resume: Checkpoint | None = None,
@@ -285,14 +364,13 @@ def run_server(grid: Grid | None, spec: ServerSpec, plugins: list[Plugin], resum
     initial = ArrayRecord(build_model().state_dict())  # seeded: every strategy starts here
     metered = MeteredGrid(grid, spec.clock, spec.client.data.num_clients)
     strategy = spec.make_strategy()
+    extras = served(strategy)
     done_rounds = 0
     if resume is not None:
         done_rounds = resume.round
         initial = ArrayRecord(resume.arrays)
-        if hasattr(strategy, "load_state_dict"):
-            strategy.load_state_dict(resume.strategy)
-        if hasattr(metered, "restore_node_states"):
-            metered.restore_node_states(resume.node_states)
+        extras.load_state_dict(resume.strategy)
+        metered.restore_node_states(resume.node_states)
         restore_metrics(spec.run_dir, resume.reporter["rows"])
         if stop is not None:
             stop.checkpointed = done_rounds
@@ -301,32 +379,25 @@ def run_server(grid: Grid | None, spec: ServerSpec, plugins: list[Plugin], resum
                    load_global=load_global, num_rounds=spec.rounds, initial_arrays=initial)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
-        node_states = metered.node_states() if hasattr(metered, "node_states") else {}
-        state = strategy.state_dict() if hasattr(strategy, "state_dict") else {}
-        save_checkpoint(spec.run_dir, Checkpoint(server_round, arrays.to_torch_state_dict(), state,
-                                                 reporter.state(server_round), node_states))
+        save_checkpoint(spec.run_dir, Checkpoint(server_round, arrays.to_torch_state_dict(), extras.state_dict(),
+                                                 reporter.state(server_round), metered.node_states()))
 
-    reporter = RoundReporter(spec, metered, logger, plugins, view, checkpoint,
-                             resume.reporter if resume is not None else None, stop)
-    reporter.rejections = getattr(strategy, "rejections", {})
-    reporter.evaluate_global = getattr(strategy, "evaluate_global", None)
-    strategy.aggregate_train = reporter.record_train(strategy.aggregate_train)
-    strategy.aggregate_evaluate = reporter.record_evaluate(strategy.aggregate_evaluate)
-    runner = strategy if done_rounds == 0 else ResumedRounds(strategy, done_rounds)
+    rounds = RunRounds(strategy, done_rounds)
+    hooks = PluginHooks(plugins, view, logger, spec.rounds)
+    reporter = RoundReporter(spec, metered, logger, hooks, CentralEvaluation(spec, view, extras), rounds, extras,
+                             checkpoint, resume.reporter if resume is not None else None, stop)
     try:
         if resume is None:
-            for plugin in plugins:
-                logger.log_report(plugin.name, _run_start(plugin, view), 0)
+            hooks.run_start()
         final = initial
         if done_rounds < spec.rounds:
-            result = runner.start(grid=metered, initial_arrays=initial, num_rounds=spec.rounds - done_rounds,
+            result = rounds.start(grid=metered, initial_arrays=initial, num_rounds=spec.rounds - done_rounds,
                                   timeout=spec.round_timeout,
                                   train_config=train_config(spec.train, spec.extra_train_config), evaluate_fn=reporter)
             final = result.arrays if len(result.arrays) else initial
-        for plugin in plugins:
-            logger.log_report(plugin.name, plugin.on_run_end(view), spec.rounds)
+        hooks.run_end()
     finally:
-        reporter.bar.close()
+        reporter.progress.close()
         logger.close()
     control_bytes = metered.control_bytes
     if finish_only(spec, resume):  # no engine ran: the control traffic is the killed run's
@@ -363,28 +434,6 @@ def restore_metrics(run_dir: str, rows: list[dict[str, Any]]) -> None:
         logger.close()
     os.replace(scratch / METRICS_FILE, Path(run_dir) / METRICS_FILE)
     shutil.rmtree(scratch, ignore_errors=True)
-
-
-class ResumedRounds(Strategy):
-    """``inner`` continued after ``offset`` finished rounds: Flower's ``start`` counts from round 1."""
-
-    def __init__(self, inner: Strategy, offset: int):
-        self.inner, self.offset = inner, offset
-
-    def summary(self) -> None:
-        self.inner.summary()
-
-    def configure_train(self, server_round, arrays, config, grid):
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_train(self, server_round, replies):
-        return self.inner.aggregate_train(server_round + self.offset, replies)
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
 
 
 def build_server_app(spec: ServerSpec, plugins: list[Plugin], outcome: RunOutcome,

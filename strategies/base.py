@@ -17,7 +17,8 @@
   ``rejections``, and never aggregated; a round with fewer than ``min_train_nodes`` sound
   updates keeps the global model. ``aggregate_evaluate`` likewise drops evaluation replies with
   non-finite metrics before ``aggregate_evaluations``.
-* ``state_dict()``/``load_state_dict()`` for whatever must survive a checkpoint.
+* What the server asks beyond Flower's ``Strategy`` (``fl.served.ServedStrategy``):
+  ``state_dict()``/``load_state_dict()`` for whatever must survive a checkpoint, and ``rejected(round)``.
 
 The algorithm itself (configure, train, aggregate) is written out in each strategy's own file.
 """
@@ -40,6 +41,7 @@ from fl.directory import NodeDirectory
 from fl.keys import ARRAYS, CODEC, CONFIG, METRICS, SERVER_ROUND, UP_CODEC
 from fl.payload import State, example_payload, get_codec
 from fl.sampling import sample_partitions
+from fl.served import ServedStrategy
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class Update:
     content: Any = None
 
 
-class FederatedStrategy(FlowerFedAvg):
+class FederatedStrategy(FlowerFedAvg, ServedStrategy):
     def __init__(self, *, seed: int = 0, down_codec: str = "dense_fp32", up_codec: str = "dense_fp32",
                  robust: RobustBounds | Mapping[str, Any] | None = None, **flower_kwargs: Any):
         super().__init__(**flower_kwargs)
@@ -303,6 +305,9 @@ class FederatedStrategy(FlowerFedAvg):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.seed = int(state["seed"])
+
+    def rejected(self, server_round: int) -> list[str]:
+        return self.rejections.get(server_round, [])
 
 
 @dataclass(frozen=True)

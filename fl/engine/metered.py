@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fl.clock import ClockSpec
+from fl.engine.inprocess import InProcessGrid
 from fl.keys import CONFIG, EPOCHS, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fl.payload import payload_bytes
 
@@ -167,6 +168,15 @@ class MeteredGrid(Grid):
             return partition_of(node_id)
         # A deployed node with only a local data folder reports no partition: a stable stand-in.
         return self._partition_of.get(node_id, node_id % max(len(self._profiles), 1))
+
+    def node_states(self) -> dict[int, RecordDict]:
+        """The nodes' persistent state where it lives in this process (the in-process engine), for a
+        checkpoint; Ray's and deployed nodes keep their own."""
+        return self.inner.node_states() if isinstance(self.inner, InProcessGrid) else {}
+
+    def restore_node_states(self, states: dict[int, RecordDict]) -> None:
+        if isinstance(self.inner, InProcessGrid):
+            self.inner.restore_node_states(states)
 
     def __getattr__(self, name: str):  # e.g. InProcessGrid.partition_of
         if name == "inner":
