@@ -1,5 +1,5 @@
 """AgileNN split training (plugins/agilenn, strategies/agilenn.py, clients/agilenn_trainer.py,
-the AgileNN section of fl/payload.py)."""
+fl/payload/features.py)."""
 
 from __future__ import annotations
 

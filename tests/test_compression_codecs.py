@@ -1,5 +1,5 @@
 """Update codecs (top-k, int8, fp16 values, error feedback): round trip within the stated error,
-bytes equal to the serialized payload, and the error-feedback invariant (fl/payload.py)."""
+bytes equal to the serialized payload, and the error-feedback invariant (fl/payload/update.py)."""
 
 import numpy as np
 import pytest

@@ -1,0 +1,91 @@
+"""Codecs by name: a ``{name: tensor}`` state <-> ``ArrayRecord`` mapping, and the dense ones
+(``dense_fp32``, ``fp16``). The receiver decodes against the reference state it holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fl.registry import Registry
+
+State = dict[str, torch.Tensor]
+
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A lossless or lossy state <-> ArrayRecord mapping, registered by name."""
+
+    name: str
+    encode: Callable[[Mapping[str, torch.Tensor]], ArrayRecord]
+    decode: Callable[[ArrayRecord, Mapping[str, torch.Tensor]], State]
+
+
+CODECS: Registry[Codec] = Registry("codec", "codec")
+
+
+def register_codec(codec: Codec) -> Codec:
+    CODECS.register(codec.name)(codec)
+    return codec
+
+
+def get_codec(name: str) -> Codec:
+    return CODECS.get(name)
+
+
+def as_array(tensor: torch.Tensor, dtype: np.dtype | None = None) -> Array:
+    array = tensor.detach().cpu().numpy()
+    if dtype is not None and array.dtype != dtype:
+        array = array.astype(dtype)
+    return Array(array)
+
+
+def _decode_arrays(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> State:
+    if list(record.keys()) != list(reference.keys()):
+        missing = sorted(set(reference) - set(record))
+        extra = sorted(set(record) - set(reference))
+        raise ValueError(f"payload keys differ from the model: missing {missing}, unexpected {extra}")
+    state: State = {}
+    for name, ref in reference.items():
+        array = record[name].numpy()
+        if tuple(array.shape) != tuple(ref.shape):
+            raise ValueError(f"payload array {name!r} has shape {array.shape}, model has {tuple(ref.shape)}")
+        state[name] = torch.from_numpy(array).to(ref.dtype)
+    return state
+
+
+def _encode_fp32(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({name: as_array(t) for name, t in state.items()})
+
+
+def _encode_fp16(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Floating tensors as float16; integer buffers (e.g. BatchNorm's counter) unchanged."""
+    return ArrayRecord(
+        {name: as_array(t, np.dtype(np.float16) if t.is_floating_point() else None) for name, t in state.items()}
+    )
+
+
+DENSE_FP32 = register_codec(Codec("dense_fp32", _encode_fp32, _decode_arrays))
+FP16 = register_codec(Codec("fp16", _encode_fp16, _decode_arrays))
+
+
+BUFFERS_KEY = "buffers"
+
+
+def decode_buffers(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> State:
+    """The non-floating buffers (BatchNorm's counter) a payload sends whole, as int64, under ``BUFFERS_KEY``."""
+    others = [(name, ref) for name, ref in reference.items() if not ref.is_floating_point()]
+    if not others:
+        return {}
+    flat = torch.from_numpy(record[BUFFERS_KEY].numpy())
+    if flat.numel() != sum(ref.numel() for _, ref in others):
+        raise ValueError("payload's buffers do not match the model's non-floating buffers")
+    out, start = {}, 0
+    for name, ref in others:
+        out[name] = flat[start:start + ref.numel()].reshape(ref.shape).to(ref.dtype)
+        start += ref.numel()
+    return out
