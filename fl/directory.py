@@ -3,15 +3,22 @@
 Node ids are random on Flower's engines (and on a real SuperLink), so sampling node ids with a
 seeded generator would still pick different data on different engines. Strategies sample
 partition ids and map them to nodes through this directory. The in-process grid knows the
-mapping; on any other grid the server asks every node once with a ``query.partition`` message
-(the ClientApp answers with its ``partition-id`` node config). Nodes that report no partition
-(a device with only a local data folder) get ids after the reported ones, in node-id order.
-A deployed device may also report its DELTA tier (``delta-tier``, from its device profile or node
-config); the directory keeps it by partition for the DELTA strategy.
+mapping; on any other grid the server asks the nodes once with a ``query.partition`` message
+(this project's ClientApp answers with its ``partition-id`` node config). Nodes that report no
+partition get ids after the reported ones, in node-id order: a device with only a local data
+folder, and any node whose ClientApp does not answer the query (an error reply or none), such as
+a stock Flower ClientApp with only ``@app.train()`` and ``@app.evaluate()``. That fallback is
+quiet: one log line, no error, and nothing counted as a training failure (the query is control
+traffic, ``fl.engine.metered``). The lowest node id is asked first; when its ClientApp has no
+query handler at all, the federation is taken to be such ClientApps and the others are not asked
+(a stock ClientApp raises on the query, which Flower's simulation logs with a traceback: one
+instead of one per node). A deployed device may also report its DELTA tier (``delta-tier``, from
+its device profile or node config); the directory keeps it by partition for the DELTA strategy.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +26,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fl.keys import CONFIG, DELTA_TIER, METRICS, PARTITION_ID, QUERY_PARTITION
+
+log = logging.getLogger(__name__)
+
+NO_QUERY_HANDLER = "No query function registered"  # Flower's ClientApp error for a type it has no handler for
 
 
 @dataclass(frozen=True)
@@ -41,24 +52,50 @@ class NodeDirectory:
             if time.time() > deadline:
                 raise TimeoutError(f"only {len(node_ids)} of {min_nodes} nodes connected within {timeout:.0f} s")
             time.sleep(0.1)
+        whole = getattr(grid, "node_directory", None)  # the in-process grid: no dict entry per node
+        if whole is not None:
+            return whole()
         partition_of = getattr(grid, "partition_of", None)
         if partition_of is not None:
             return cls({partition_of(node): node for node in node_ids})
-        queries = [Message(RecordDict({CONFIG: ConfigRecord()}), node, QUERY_PARTITION) for node in node_ids]
-        reported: dict[int, int] = {}
+        reported: dict[int, int] = {}  # node -> reported partition
         tiers: dict[int, int] = {}  # node -> reported tier
-        for reply in grid.send_and_receive(queries, timeout=timeout):
-            if not reply.has_content():
-                continue
-            metrics = reply.content[METRICS]
-            if PARTITION_ID in metrics:
-                reported[reply.metadata.src_node_id] = int(metrics[PARTITION_ID])
-            if DELTA_TIER in metrics:
-                tiers[reply.metadata.src_node_id] = int(metrics[DELTA_TIER])
+        answer_by = time.time() + timeout  # one wait for both asks
+        errors = _ask(grid, node_ids[:1], reported, tiers, timeout)  # the first node alone (see the docstring)
+        if not any(NO_QUERY_HANDLER in reason for reason in errors.values()):
+            errors.update(_ask(grid, node_ids[1:], reported, tiers, max(answer_by - time.time(), 1.0)))
         mapping = {partition: node for node, partition in reported.items()}
         next_id = max(mapping, default=-1) + 1
-        for node in node_ids:
-            if node not in reported:
-                mapping[next_id] = node
-                next_id += 1
+        unreported = [node for node in node_ids if node not in reported]
+        for node in unreported:
+            mapping[next_id] = node
+            next_id += 1
+        if unreported:
+            why = ("their ClientApp has no partition query handler" if any(NO_QUERY_HANDLER in r for r in errors.values())
+                   else "no partition-id in their node config or reply")
+            log.info("partition query: %d of %d nodes reported no partition (%s); they take partition ids %d-%d "
+                     "in node-id order", len(unreported), len(node_ids), why, next_id - len(unreported), next_id - 1)
         return cls(mapping, {partition: tiers[node] for partition, node in mapping.items() if node in tiers})
+
+
+def _ask(grid: Grid, node_ids: list[int], reported: dict[int, int], tiers: dict[int, int],
+         timeout: float) -> dict[int, str]:
+    """Send the partition query to ``node_ids``; fill ``reported`` and ``tiers`` from the answers and
+    return the error reason of each node that replied with an error (a missing reply is just absent)."""
+    if not node_ids:
+        return {}
+    queries = [Message(RecordDict({CONFIG: ConfigRecord()}), node, QUERY_PARTITION) for node in node_ids]
+    errors: dict[int, str] = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            errors[node] = str(reply.error.reason)
+            continue
+        metrics = reply.content.get(METRICS) if reply.has_content() else None
+        if metrics is None:
+            continue
+        if PARTITION_ID in metrics:
+            reported[node] = int(metrics[PARTITION_ID])
+        if DELTA_TIER in metrics:
+            tiers[node] = int(metrics[DELTA_TIER])
+    return errors

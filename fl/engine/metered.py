@@ -6,7 +6,8 @@ measure. Traffic accumulates per node until the run's round reporter closes the 
 
 ``query.*`` messages (the one-time partition discovery of ``fl.directory``, which the in-process
 engine does not need) are control traffic: counted in ``control_bytes``, not in a round's
-up/down bytes, so that both engines report the same model traffic.
+up/down bytes, so that both engines report the same model traffic; their error and missing replies
+(a ClientApp that does not answer the query) are not training failures.
 """
 
 from __future__ import annotations
@@ -89,15 +90,16 @@ class MeteredGrid(Grid):
     def _count_in(self, replies: Iterable[Message], sent: int | None = None) -> list[Message]:
         replies = list(replies)
         for reply in replies:
+            if _is_control(reply):  # its errors and missing replies are the querier's business, not failures
+                if reply.has_content():
+                    self.control_bytes += payload_bytes(reply.content)
+                    if PARTITION_ID in reply.content.get(METRICS, {}):
+                        self._partition_of[reply.metadata.src_node_id] = int(reply.content[METRICS][PARTITION_ID])
+                continue
             if reply.has_error():
                 self._failures += 1
                 continue
             size = payload_bytes(reply.content)
-            if _is_control(reply):
-                self.control_bytes += size
-                if reply.has_content() and PARTITION_ID in reply.content.get(METRICS, {}):
-                    self._partition_of[reply.metadata.src_node_id] = int(reply.content[METRICS][PARTITION_ID])
-                continue
             node = reply.metadata.src_node_id
             self._up[node] += size
             if reply.metadata.message_type.startswith("train"):
@@ -134,7 +136,7 @@ class MeteredGrid(Grid):
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         if self.clock is not None and messages and not _is_control(messages[0]):
             replies = self._on_the_clock(messages, replies)
-        return self._count_in(replies, sent=len(messages))
+        return self._count_in(replies, sent=None if messages and _is_control(messages[0]) else len(messages))
 
     def _on_the_clock(self, messages: list[Message], replies: list[Message]) -> list[Message]:
         """Time each reply on its node's device; drop those past the deadline; advance the clock."""
