@@ -66,7 +66,7 @@ def overhead(args, fed, x, y) -> None:
     model = agilenn(num_classes=fed.num_classes, in_channels=fed.channels)
     model.freeze_reference(True)
     model.train()
-    hyper = TrainHyper(lr=0.01, batch_size=args.batch_size)
+    hyper = TrainHyper(lr=0.01, momentum=0.0, batch_size=args.batch_size)
     agile = AgileLoss(AgileHyper(), fed.num_classes)
     optimizer = optimizer_for(model, hyper)
     steps = [(x[s:s + args.batch_size], y[s:s + args.batch_size]) for s in range(0, args.timing_steps * args.batch_size, args.batch_size)]

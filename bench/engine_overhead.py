@@ -35,7 +35,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {10: 1.0, 100: 0.8, 1000: 0.1}  # the workloads: N=10 all, N=100 80%, N=1000 100/round
-# The workload, which bench/plain_loop.py runs with fl.local_training.TrainHyper's defaults.
+# The workload, which bench/plain_loop.py runs with the same settings.
 WORKLOAD = ["train.epochs=1", "train.batch_size=32", "train.lr=0.05", "train.momentum=0.0", "checkpoint_every=0",
             "data.partition.name=shards", "++data.partition.classes_per_client=3"]
 

@@ -44,7 +44,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = ModelSpec("cnn_small").build_for(federation)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    hyper = TrainHyper()
+    hyper = TrainHyper(epochs=1, batch_size=32, lr=0.05, momentum=0.0)  # engine_overhead.WORKLOAD
     per_round = max(int(args.num_clients * args.fraction), 2)
     test = ClientData(federation.test, np.arange(len(federation.test)))
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -104,6 +104,8 @@ def slice_codec_from(config: ConfigRecord, key: str, trainer: str) -> SliceCodec
 
 
 def hyper_from(config: ConfigRecord) -> TrainHyper:
+    """The message's training settings; a key it omits (a stock Flower strategy sends ``lr`` at most)
+    takes ``TrainHyper``'s default, which is the CLI's (``sim_configs/config.yaml``, ``train:``)."""
     d = TrainHyper()
     return TrainHyper(epochs=int(config.get(EPOCHS, d.epochs)), batch_size=int(config.get(BATCH_SIZE, d.batch_size)),
                       lr=float(config.get(LR, d.lr)), momentum=float(config.get(MOMENTUM, d.momentum)),

@@ -21,10 +21,14 @@ from fl.batchnorm import BUFFERS, recompute_batchnorm, smallest_batch
 
 @dataclass(frozen=True)
 class TrainHyper:
-    epochs: int = 1
-    batch_size: int = 32
+    """Local SGD settings. The defaults are the CLI's (``train:`` in ``sim_configs/config.yaml``,
+    checked equal by ``tests/test_interop.py``): a client takes them for every key a train message
+    omits (``clients.trainer.hyper_from``), e.g. under a stock Flower ServerApp."""
+
+    epochs: int = 2
+    batch_size: int = 16
     lr: float = 0.05
-    momentum: float = 0.0
+    momentum: float = 0.9
     weight_decay: float = 0.0
     bn_stats: str = "global"  # BatchNorm statistics uploaded: global | local | ema (fl.batchnorm)
 

@@ -92,7 +92,8 @@ class ModelCompression(Plugin):
         self.unstructured, self.unstructured_amount = bool(unstructured), float(unstructured_amount)
         self.unstructured_scope = unstructured_scope
         self.quantization, self.backend, self.combine = quantization, backend, bool(combine)
-        self.finetune = TrainHyper(epochs=int(finetune_epochs), batch_size=int(batch_size), lr=float(finetune_lr))
+        self.finetune = TrainHyper(epochs=int(finetune_epochs), batch_size=int(batch_size), lr=float(finetune_lr),
+                                   momentum=0.0)
         self.finetune_samples, self.calibration_samples = int(finetune_samples), int(calibration_samples)
         self.eval_samples, self.every, self.seed = int(eval_samples), int(every), int(seed)
         self.sweep = sorted({float(r) for r in sweep})
