@@ -26,7 +26,6 @@ from fl.errors import ConfigError
 from fl.faults import HOSTILE_KINDS, FaultSpec
 from fl.hooks import PLUGINS
 from fl.local_training import TrainHyper
-from fl.payload import UpdateCodec, get_codec
 from fl.run import EngineSpec
 from fl.server import ServerSpec
 from fl.specs import ClientSpec, DataSpec, ModelSpec, PluginSpec, freeze
@@ -114,11 +113,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
                        hang_seconds=_float(f, "hang_seconds", minimum=0.0, prefix="faults."),
                        late_seconds=_float(f, "late_seconds", minimum=0.0, prefix="faults."), seed=seed)
     codec = c.get("codec") or {}
-    down, up = str(codec.get("down", "dense_fp32")), str(codec.get("up", "dense_fp32"))
-    if isinstance(get_codec(down), UpdateCodec):
-        raise ConfigError("codec.down", f"{down!r} encodes client updates and is for codec.up only; "
-                                        "use a weight codec such as dense_fp32, fp16 or int8_weights")
-    get_codec(up)
+    down, up = str(codec.get("down", "dense_fp32")), str(codec.get("up", "dense_fp32"))  # the strategy resolves them
 
     data = _data_spec(c["data"], num_clients, seed)
     model = _model_spec(c["model"])
@@ -233,6 +228,11 @@ def _strategy_factory(sc: Mapping[str, Any], flower_kwargs: dict[str, Any], our_
     if issubclass(cls, FederatedStrategy):
         kwargs.update(our_kwargs)
     else:
+        for key in ("down", "up"):
+            if our_kwargs[f"{key}_codec"] != "dense_fp32":
+                raise ConfigError(f"codec.{key}", f"{cls.__name__} is a plain Flower strategy: its messages carry "
+                                                  "dense float32 arrays; remove the codec setting or use a strategy "
+                                                  f"of this project ({', '.join(STRATEGIES.names())})")
         log.warning("%s is a plain Flower strategy: its client sampling is Flower's unseeded random.sample",
                     cls.__name__)
     params = inspect.signature(cls).parameters

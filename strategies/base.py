@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections import abc
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fl.directory import NodeDirectory
 from fl.keys import ARRAYS, CODEC, CONFIG, METRICS, SERVER_ROUND, UP_CODEC
-from fl.payload import State, example_payload, get_codec
+from fl.payload import State, example_payload, get_codec, resolve_codec
 from fl.sampling import sample_partitions
 from fl.served import ServedStrategy
 
@@ -89,13 +89,15 @@ class Update:
 
 
 class FederatedStrategy(FlowerFedAvg, ServedStrategy):
+    payload_family: ClassVar[str] = "dense"  # what its messages carry: dense, bitmap or slice (fl.payload.family)
+
     def __init__(self, *, seed: int = 0, down_codec: str = "dense_fp32", up_codec: str = "dense_fp32",
                  robust: RobustBounds | Mapping[str, Any] | None = None, **flower_kwargs: Any):
         super().__init__(**flower_kwargs)
         self.seed = seed
         self.robust = robust if isinstance(robust, RobustBounds) else RobustBounds(**(robust or {}))
-        self.down_codec = get_codec(down_codec)
-        self.up_codec = get_codec(up_codec)
+        self.down_codec = resolve_codec(down_codec, self.payload_family, "codec.down")
+        self.up_codec = resolve_codec(up_codec, self.payload_family, "codec.up")
         self.reference: State | None = None  # names, shapes and dtypes of the global model
         self._directory: NodeDirectory | None = None
         self.rejections: dict[int, list[str]] = {}  # round -> "partition p: reason" for each rejected update

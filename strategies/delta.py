@@ -49,7 +49,7 @@ from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, METRICS
 from fl.payload import State
 from strategies.base import Decoded, FederatedStrategy, Rejected, Update, weighted_mean
-from strategies.hermes import HOLDERS, Upload, _slice_codec_name, average_held
+from strategies.hermes import HOLDERS, Upload, average_held
 
 DEFAULT_TIERS = (1.0, 1 / math.sqrt(2), 0.5, 1 / (2 * math.sqrt(2)))
 ASSIGNMENTS = ("equal", "profiles")
@@ -65,12 +65,12 @@ class DeltaUpload:
 
 
 class DeltaFactorized(FederatedStrategy):
+    payload_family = "slice"  # kept channels + channel bitmap: codec.up=fp16 is its fp16 codec (fl.payload.family)
+
     def __init__(self, *, tiers: Sequence[float] = DEFAULT_TIERS, tier_assignment: str = "equal",
                  device: Mapping[str, Any] | None = None, edge_every: int = 0, fnc: float = 0.05, sr: float = 1e-4,
                  val_fraction: float = 0.2, tier_eval_every: int = 5, build_model: Callable[[], Any] | None = None,
                  test_set: Any = None, **kwargs: Any):
-        kwargs["down_codec"] = _slice_codec_name(kwargs.get("down_codec", "dense_fp32"), "codec.down")
-        kwargs["up_codec"] = _slice_codec_name(kwargs.get("up_codec", "dense_fp32"), "codec.up")
         super().__init__(**kwargs)
         self.tiers = check_tiers(tiers)
         if tier_assignment not in ASSIGNMENTS:

@@ -51,18 +51,17 @@ from clients.masked_trainer import MASK_VERSION, MASKED, READJUST_ALPHA
 from clients.trainer import TRAINER
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, METRICS
-from fl.payload import BitmapCodec, Masks, State, get_codec, has_bitmap
+from fl.payload import Masks, State, has_bitmap
 from fl.sparsity import apply_mask, erk_budgets, magnitude_masks, prunable_shapes, top_k_mask
 from strategies.base import Decoded, Rejected, Update, weighted_mean
 from strategies.fedavg import FedAvg
 
 ALPHA_SCHEDULES = ("cosine", "constant")
-# Model codec names the run config may give (codec.down / codec.up) -> the bitmap codec FedDST uses.
-_VALUE_CODECS = {"dense_fp32": "bitmap_fp32", "fp16": "bitmap_fp16", "bitmap_fp32": "bitmap_fp32",
-                 "bitmap_fp16": "bitmap_fp16"}
 
 
 class FedDST(FedAvg):
+    payload_family = "bitmap"  # values at the mask + the mask as a bitmap: codec.up=fp16 is its fp16 codec (fl.payload.family)
+
     def __init__(self, *, sparsity: float = 0.8, alpha: float = 0.01, r_adj: int = 15, r_end: int | None = None,
                  num_rounds: int | None = None, alpha_schedule: str = "cosine",
                  dense_layers: Sequence[str] = (), **kwargs: Any):
@@ -82,8 +81,6 @@ class FedDST(FedAvg):
         self.sparsity, self.alpha, self.r_adj, self.r_end = float(sparsity), float(alpha), int(r_adj), int(r_end)
         self.alpha_schedule = alpha_schedule
         self.dense_layers = tuple(dense_layers)
-        self.down_codec = _bitmap_codec(self.down_codec.name, "codec.down")
-        self.up_codec = _bitmap_codec(self.up_codec.name, "codec.up")
         # Server state (state_dict): budgets K_l of every prunable tensor, the global mask of the
         # sparse ones, its version, and the mask version each partition last confirmed holding.
         self.budgets: dict[str, int] = {}
@@ -235,12 +232,3 @@ def holder_weighted_mean(values: Sequence[torch.Tensor], masks: Sequence[torch.T
         den.add_(held)
     mean = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
     return mean.to(torch.float32), den
-
-
-def _bitmap_codec(name: str, key: str) -> BitmapCodec:
-    if name not in _VALUE_CODECS:
-        raise ConfigError(key, f"FedDST sends bitmap + values; {name!r} is not one of {', '.join(_VALUE_CODECS)} "
-                               f"(fp16 and bitmap_fp16 send fp16 values)")
-    codec = get_codec(_VALUE_CODECS[name])
-    assert isinstance(codec, BitmapCodec)
-    return codec

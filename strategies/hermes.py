@@ -44,7 +44,7 @@ from clients.hermes_trainer import NAME, HermesSettings
 from clients.trainer import TRAINER
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, METRICS
-from fl.payload import (Keep, SliceCodec, State, full_keep, get_codec, keep_coordinates, kept_entries,
+from fl.payload import (Keep, State, full_keep, keep_coordinates, kept_entries,
                         relative_keep, slice_state, unslice_state)
 from strategies.base import Decoded, FederatedStrategy, Rejected, Update
 
@@ -53,7 +53,6 @@ HOLDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "count": lambda weight, held_by_all: weight > 0,
     "all": lambda weight, held_by_all: held_by_all,
 }
-SLICE_CODEC_FOR = {"dense_fp32": "channel_slice_fp32", "fp16": "channel_slice_fp16"}
 
 
 @dataclass(frozen=True)
@@ -65,10 +64,10 @@ class Upload:
 
 
 class Hermes(FederatedStrategy):
+    payload_family = "slice"  # kept channels + channel bitmap: codec.up=fp16 is its fp16 codec (fl.payload.family)
+
     def __init__(self, *, accuracy_threshold: float = 0.5, prune_step: float = 0.2, target_pruned: float = 0.5,
                  val_fraction: float = 0.2, aggregation: str = "count", **kwargs: Any):
-        kwargs["down_codec"] = _slice_codec_name(kwargs.get("down_codec", "dense_fp32"), "codec.down")
-        kwargs["up_codec"] = _slice_codec_name(kwargs.get("up_codec", "dense_fp32"), "codec.up")
         super().__init__(**kwargs)
         self.settings = HermesSettings(accuracy_threshold, prune_step, target_pruned, val_fraction)
         if aggregation not in HOLDERS:
@@ -205,12 +204,3 @@ def average_held(global_state: Mapping[str, torch.Tensor], uploads: Sequence[Upl
             mean = mean.round()
         out[name] = torch.where(take, mean, g.to(torch.float64)).to(g.dtype)
     return out
-
-
-def _slice_codec_name(name: str, key: str) -> str:
-    """Hermes sends channel slices: the run's ``dense_fp32``/``fp16`` map to their slice codecs."""
-    name = SLICE_CODEC_FOR.get(name, name)
-    if not isinstance(get_codec(name), SliceCodec):
-        raise ConfigError(key, f"Hermes sends channel slices; use dense_fp32 or fp16 (mapped to "
-                               f"channel_slice_fp32/fp16) or a channel_slice codec, not {name!r}")
-    return name

@@ -97,3 +97,39 @@ def test_unknown_codec_lists_allowed():
     with pytest.raises(ConfigError, match="dense_fp32"):
         get_codec("zstd")
     assert {"dense_fp32", "fp16"} <= set(CODECS.names())
+
+
+# -- what codec.down / codec.up mean (fl.payload.family) ------------------------------------------
+
+@pytest.mark.parametrize("family, fp32, fp16", [("dense", "dense_fp32", "fp16"), ("bitmap", "bitmap_fp32", "bitmap_fp16"),
+                                                ("slice", "channel_slice_fp32", "channel_slice_fp16")])
+def test_a_precision_name_means_that_precision_in_every_family(family, fp32, fp16):
+    from fl.payload import family_of, resolve_codec
+
+    for key in ("codec.down", "codec.up"):
+        assert resolve_codec("dense_fp32", family, key).name == fp32
+        assert resolve_codec("fp16", family, key).name == fp16
+        assert family_of(resolve_codec(fp16, family, key)) == family  # a family's own name is itself
+
+
+@pytest.mark.parametrize("name, family, key, fragment", [
+    ("topk_0.1", "dense", "codec.down", "codec.up only"),
+    ("topk_0.1", "slice", "codec.up", "sends slice payloads"),
+    ("channel_slice_fp16", "bitmap", "codec.up", "sends bitmap payloads"),
+    ("bitmap_fp32", "dense", "codec.down", "sends dense payloads"),
+    ("nope", "dense", "codec.up", "unknown codec"),
+])
+def test_a_codec_the_family_cannot_send_is_one_config_error_naming_the_key(name, family, key, fragment):
+    from fl.payload import resolve_codec
+
+    with pytest.raises(ConfigError, match=fragment) as refused:
+        resolve_codec(name, family, key)
+    assert refused.value.key == key
+    assert "allowed:" in str(refused.value) or "such as" in str(refused.value)
+
+
+def test_every_strategy_declares_its_family_and_resolves_both_codecs_there():
+    from strategies import STRATEGIES
+
+    expected = {"fedavg": "dense", "agilenn": "dense", "feddst": "bitmap", "hermes": "slice", "delta": "slice"}
+    assert {name: STRATEGIES.get(name).payload_family for name in expected} == expected

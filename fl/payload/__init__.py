@@ -22,12 +22,14 @@ reference state (names, shapes, dtypes) to decode; it always has one (its own mo
     bitmap.py      sparse values + bitmap codecs (FedDST)
     slices.py      channel-slice codecs (Hermes, DELTA's tiers)
     features.py    AgileNN's coded feature stream and split-learning tensors
+    family.py      what codec.down / codec.up mean for a strategy's payload family (resolve_codec)
 """
 
 from fl.payload.accounting import payload_bytes, wire_bytes
 from fl.payload.bitmap import (BITMAP_VALUES, BitmapCodec, Masks, bitmap_codec, decode_bitmap, encode_bitmap, has_bitmap,
                                nonzero_masks)
 from fl.payload.codec import CODECS, Codec, State, get_codec, register_codec
+from fl.payload.family import FAMILIES, family_of, resolve_codec
 from fl.payload.features import (FEATURE_CODED, coded_bytes_per_sample, decode_features, decode_indices, decode_tensors,
                                  encode_features, encode_indices, encode_tensors, index_bits)
 from fl.payload.shared import decode_shared
@@ -37,11 +39,11 @@ from fl.payload.update import (RESIDUAL_KEY, UPDATE_VALUES, UpdateCodec, decode_
                                topk_count, update_codec)
 
 __all__ = [
-    "BITMAP_VALUES", "CODECS", "FEATURE_CODED", "RESIDUAL_KEY", "SLICE_VALUES", "UPDATE_VALUES",
+    "BITMAP_VALUES", "CODECS", "FAMILIES", "FEATURE_CODED", "RESIDUAL_KEY", "SLICE_VALUES", "UPDATE_VALUES",
     "BitmapCodec", "Codec", "Keep", "Masks", "SliceCodec", "State", "UpdateCodec",
     "bitmap_codec", "coded_bytes_per_sample", "decode_bitmap", "decode_features", "decode_indices", "decode_shared",
     "decode_tensors", "decode_update", "encode_bitmap", "encode_features", "encode_indices", "encode_reply",
-    "encode_tensors", "example_payload", "full_keep", "get_codec", "has_bitmap", "index_bits", "keep_coordinates",
-    "kept_entries", "nonzero_masks", "payload_bytes", "register_codec", "relative_keep", "slice_codec", "slice_state",
+    "encode_tensors", "example_payload", "family_of", "full_keep", "get_codec", "has_bitmap", "index_bits", "keep_coordinates",
+    "kept_entries", "nonzero_masks", "payload_bytes", "register_codec", "relative_keep", "resolve_codec", "slice_codec", "slice_state",
     "sliced_dims", "topk_count", "unslice_state", "update_codec", "wire_bytes",
 ]
