@@ -1,6 +1,6 @@
 """From the Hydra config to typed specs, with every check done before any work starts.
 
-This is where Hydra stops (STYLE rule 6): ``build(cfg, run_dir)`` validates the config and
+This is where Hydra stops: ``build(cfg, run_dir)`` validates the config and
 returns ``(ServerSpec, EngineSpec)``; nothing below it sees a ``DictConfig``. A bad value raises
 ``ConfigError`` naming the key and the allowed values. Nothing is silently accepted: a key the
 run does not read (``+foo=1``, ``+train.learning_rate=0.1``) is refused, and every plugin is built

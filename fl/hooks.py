@@ -12,7 +12,7 @@ Client side (called by the ClientApp around local training, on any engine or dev
     on_payload(client, record)             may transform the ArrayRecord about to be sent
 
 Server hooks return a ``Report`` (scalars, histograms, images, text) or None; the run logger
-writes it under ``plugin/<name>/``. Plugins never write logs themselves (STYLE rule 8).
+writes it under ``plugin/<name>/``. Plugins never write logs themselves.
 A user plugin is one file with a ``Plugin`` subclass plus ``+plugins.<name>._target_=module.Class``.
 """
 

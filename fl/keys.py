@@ -1,4 +1,4 @@
-"""Message keys shared by the ServerApp and the ClientApp (STYLE rule 6: keys are constants)."""
+"""Message keys shared by the ServerApp and the ClientApp (constants, never literals at the call site)."""
 
 ARRAYS = "arrays"  # ArrayRecord with the model payload (FedAvg's arrayrecord_key)
 CONFIG = "config"  # ConfigRecord sent with train/evaluate messages

@@ -1,6 +1,6 @@
 """The ServerApp: builds the strategy and drives Flower's ``Strategy.start`` round loop.
 
-``Strategy.start`` owns the loop (STYLE rule 2). This module fills the places Flower leaves open,
+``Strategy.start`` owns the loop. This module fills the places Flower leaves open,
 each job in one home:
 
     MeteredGrid        the Grid, counting every message's bytes (``fl.engine.metered``)

@@ -1,6 +1,6 @@
 """FedDST (Bibikar et al., "Federated Dynamic Sparse Training: Computing Less, Communicating Less,
 Yet Learning Better", AAAI 2022), Algorithm 1, server side; the client side is the ``masked``
-trainer (``clients/masked_trainer.py``).
+trainer (``clients/feddst_trainer.py``).
 
 One global sparse model (weights w, mask m) at target sparsity S. Per round t = 1..T:
 
@@ -47,7 +47,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from clients.masked_trainer import MASK_VERSION, MASKED, READJUST_ALPHA
+from clients.feddst_trainer import MASK_VERSION, MASKED, READJUST_ALPHA
 from clients.trainer import TRAINER
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, METRICS

@@ -1,4 +1,4 @@
-"""FedAvg's aggregation on hand-computed two-client cases (STYLE rule 10)."""
+"""FedAvg's aggregation on hand-computed two-client cases."""
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict

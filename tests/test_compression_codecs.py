@@ -27,7 +27,7 @@ def _local(reference, seed=1, scale=0.01):
 
 
 def test_registry_has_the_named_update_codecs():
-    assert {"int8", "topk_0.01", "topk_0.1", "topk_0.01+int8", "topk_0.1+fp16", "delta_fp32"} <= set(UPDATE_CODECS)
+    assert {"int8", "topk_0.01", "topk_0.1", "topk_0.01+int8", "topk_0.1+fp16", "update_fp32"} <= set(UPDATE_CODECS)
     assert "int8_weights" in CODECS
 
 

@@ -1,4 +1,4 @@
-"""FedDST (strategies/feddst.py, clients/masked_trainer.py) and the bitmap codec, by observation:
+"""FedDST (strategies/feddst.py, clients/feddst_trainer.py) and the bitmap codec, by observation:
 budgets after every server step, zeros off the mask after every local step, masks that stay put
 between readjustments and move by at most 2 ceil(alpha K_l) on them, a hand-computed three-client
 aggregation, and bytes that are the serialized values plus bitmap."""
@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from clients.masked_trainer import MASK_VERSION, readjust_count, readjust_masks, train_masked
+from clients.feddst_trainer import MASK_VERSION, readjust_count, readjust_masks, train_masked
 from fl.data.imageset import ImageSet
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, METRICS, NUM_EXAMPLES
@@ -369,7 +369,7 @@ def test_a_codec_feddst_cannot_send_is_a_config_error(tmp_path):
         build(compose_config(SMALL + SMALL_SYNTHETIC + ["strategy=feddst", "codec.up=int8"]), str(tmp_path))
 
 
-def test_the_client_side_alone_knows_the_masked_trainer():
+def test_the_client_side_alone_knows_the_feddst_trainer():
     """A deployed SuperNode imports ``clients`` only, never ``strategies``: the trainer must register there."""
     import subprocess
     import sys

@@ -36,3 +36,12 @@ def test_a_core_module_importing_a_strategy_breaks_the_contract(tmp_path):
                           env={"PYTHONPATH": str(tmp_path), "PATH": ""})
     assert done.returncode == 1
     assert "fl.sampling -> strategies" in done.stdout
+
+
+def test_no_module_cites_a_file_outside_the_repository():
+    """Docstrings cite papers and equations; the team's design notes are not part of the product."""
+    cited = [f"{path.relative_to(ROOT)}:{number}" for package in ("fl", "strategies", "clients", "plugins")
+             for path in sorted((ROOT / package).rglob("*.py"))
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if any(word in line for word in ("DESIGN.md", "STYLE.md", "STYLE rule", "DESIGN section", "../shared"))]
+    assert cited == []

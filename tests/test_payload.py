@@ -1,4 +1,4 @@
-"""Codecs round-trip and their byte counts are the serialized payload (DESIGN.md section 2)."""
+"""Codecs round-trip and their byte counts are the serialized payload."""
 
 import numpy as np
 import pytest

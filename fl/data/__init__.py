@@ -1,4 +1,4 @@
-"""Datasets, non-IID partitioners and federations (DESIGN.md section 5).
+"""Datasets, non-IID partitioners and federations.
 
 - `ImageSet`: uint8 images resident once per process, normalized per batch by `get(indices)`.
 - `DATASETS`: `synthetic` (the offline default, fl.data.synthetic), `cifar10`, `cifar100`,

@@ -46,7 +46,7 @@ THREADS = "threads"
 DEVICE_PROFILE = "device-profile"
 LOG_DIR = "log-dir"
 MESSAGES_FILE = "messages.jsonl"
-NUM_TIERS = 4  # DELTA's width tiers (DESIGN.md section 3; strategies.delta): nested prefixes, 0 = full width
+NUM_TIERS = 4  # DELTA's width tiers (strategies.delta): nested prefixes, 0 = full width
 LOCAL_DATASET = "imagefolder"
 
 

@@ -1,6 +1,6 @@
 """Payload codecs and byte accounting: the one home for how models travel and what that costs.
 
-DESIGN.md section 2: every message's payload is counted from what is actually serialized, the
+Every message's payload is counted from what is actually serialized, the
 Flower ``Message`` content, never from a formula beside it. Flower serializes an ``ArrayRecord``
 as one NumPy ``.npy`` buffer per array (``Array.data``); ``ArrayRecord.count_bytes()`` is the
 length of those buffers plus the keys, and ``ConfigRecord``/``MetricRecord.count_bytes()`` the

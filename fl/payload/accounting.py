@@ -1,4 +1,4 @@
-"""Byte accounting: what a message costs, counted from what Flower serializes (DESIGN section 2)."""
+"""Byte accounting: what a message costs, counted from what Flower serializes."""
 
 from __future__ import annotations
 

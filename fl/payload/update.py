@@ -69,7 +69,7 @@ def update_codec(ratio: float = 1.0, values: str = "fp32", *, error_feedback: bo
     """Build (not register) the update codec keeping ``ratio`` of each tensor as ``values``.
 
     Default names: ``topk_<ratio>`` plus ``+fp16``/``+int8`` for quantized values; without top-k
-    ``int8``, ``delta_fp16`` and ``delta_fp32`` (the exact update); ``_noef`` marks a codec
+    ``int8``, ``update_fp16`` and ``update_fp32`` (the exact update); ``_noef`` marks a codec
     without error feedback.
     """
     if not 0.0 < ratio <= 1.0:
@@ -80,7 +80,7 @@ def update_codec(ratio: float = 1.0, values: str = "fp32", *, error_feedback: bo
         if ratio < 1.0:
             name = f"topk_{ratio:g}" + ("" if values == "fp32" else f"+{values}")
         else:
-            name = "int8" if values == "int8" else f"delta_{values}"
+            name = "int8" if values == "int8" else f"update_{values}"
         name += "" if error_feedback else "_noef"
 
     def encode(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -248,7 +248,7 @@ def _decode_int8_weights(record: ArrayRecord, reference: Mapping[str, torch.Tens
 
 
 INT8_WEIGHTS = register_codec(Codec("int8_weights", _encode_int8_weights, _decode_int8_weights))
-for _values in UPDATE_VALUES:  # int8, delta_fp16, delta_fp32, topk_<r>[+fp16|+int8]
+for _values in UPDATE_VALUES:  # int8, update_fp16, update_fp32, topk_<r>[+fp16|+int8]
     register_codec(update_codec(1.0, _values))
     for _ratio in (0.001, 0.01, 0.05, 0.1, 0.2, 0.5):
         register_codec(update_codec(_ratio, _values))

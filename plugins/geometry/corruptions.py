@@ -8,7 +8,7 @@ corrupted before normalization:
     gaussian_blur   Gaussian filter of std c px      c = 0.4, 0.6, 0.7, 0.8, 1.0
     contrast        (x - mean) * c + mean, per image and channel   c = 0.75, 0.5, 0.4, 0.3, 0.15
 
-The noise draws from the generator passed in (STYLE rule 9); the blur is separable with edge
+The noise draws from the generator passed in (seeded by the caller); the blur is separable with edge
 replication and a kernel radius of 4 standard deviations (scipy/skimage's default truncation).
 """
 
