@@ -1,9 +1,16 @@
 """The ClientApp: the same object runs in the simulator (either engine) and on a real SuperNode.
 
-``build_client_app(spec)`` bakes a ``ClientSpec`` in (simulation); the module-level ``app`` reads
-it from ``context.run_config`` (deployment with ``flwr run``). Each handler does Flower plumbing
-only: the train and evaluate handlers build the client's environment and call the trainer (or
-its evaluator) the server named (``clients.trainer``); query is a few lines.
+``build_client_app(spec)`` bakes a ``ClientSpec`` in (simulation); without one it reads it from
+``context.run_config`` (``fl-client-spec``), which ``fl.deploy.device.device_mod`` puts there from
+the run config and the node config: ``fl.deploy.client_app:app`` (this app with that mod) is the
+one to run under any ServerApp, this project's or a stock Flower one. The module-level ``app``
+here has no mod (``clients`` may not import ``fl.deploy``, which builds specs through ``fl.config``);
+without a spec it stops with a line that names ``fl.deploy.client_app:app``. Each train message
+says how to train (keys it omits take the CLI's defaults, ``clients.trainer.hyper_from``), and
+replies are what Flower's strategies aggregate (an ``ArrayRecord`` and a ``MetricRecord`` with
+``num-examples``). Each handler does Flower plumbing only: the train and evaluate handlers build
+the client's environment and call the trainer (or its evaluator) the server named
+(``clients.trainer``, ``dense`` when the message names none); query is a few lines.
 """
 
 from __future__ import annotations

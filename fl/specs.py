@@ -122,6 +122,10 @@ class ClientSpec:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "ClientSpec":
+        if cls.RUN_CONFIG_KEY not in run_config:
+            raise ConfigError(cls.RUN_CONFIG_KEY, "is not in the run config; under a ServerApp that does not set it "
+                                                  "(a stock Flower one), run fl.deploy.client_app:app, which builds it "
+                                                  "from the run config's overrides and the node config")
         raw = json.loads(str(run_config[cls.RUN_CONFIG_KEY]))
         return cls(
             data=DataSpec(**{**raw["data"], "partition": freeze(raw["data"]["partition"]),

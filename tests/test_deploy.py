@@ -182,6 +182,16 @@ def test_client_app_trains_and_logs_bytes_on_the_device(tmp_path):
     assert logged[0]["round"] == 1 and logged[0]["partition"] == 1
 
 
+def test_num_partitions_sizes_a_run_that_leaves_num_clients_alone():
+    """Flower's simulation (and a SuperNode's --node-config) sets num-partitions; a run config without
+    num_clients (none at all: a stock ServerApp) takes it, one that sets it must agree with it."""
+    run = device_run({}, DeviceSettings(partition_id=2, num_partitions=3))
+    assert run.num_clients == 3 and run.client.data.num_clients == 3
+    run = device_run({OVERRIDES: "data.samples_per_client=8 seed=4"}, DeviceSettings(num_partitions=1))
+    assert run.client.data.num_clients == 1 and run.client.seed == 4  # min_fit_clients=2 is the server's concern
+    assert device_run({OVERRIDES: TINY}, DeviceSettings(num_partitions=5)).num_clients == 2  # then device_mod refuses
+
+
 def test_num_partitions_must_match_num_clients():
     with pytest.raises(ConfigError, match="num-partitions"):
         device_mod(Message(RecordDict({CONFIG: ConfigRecord()}), 11, QUERY_PARTITION),

@@ -7,7 +7,7 @@ A SuperNode is started with a node config, e.g.::
 
 | key | meaning |
 |---|---|
-| ``partition-id``, ``num-partitions`` | which partition of the run's dataset this device trains (``num-partitions`` must equal ``num_clients``) |
+| ``partition-id``, ``num-partitions`` | which partition of the run's dataset this device trains; ``num-partitions`` is the run's ``num_clients`` when the run config does not set it, else it must equal it (Flower's simulation sets both on every virtual node) |
 | ``data-root`` | instead: a local ImageFolder (``<root>/<class>/*.png``) that is this device's whole training set (runs with ``data=imagefolder``) |
 | ``threads`` | torch intra-op threads for local training (default: torch's choice, all cores) |
 | ``device-profile`` | a profile name of the run's ``device.profiles`` (``device=edge_mix``): picks the DELTA tier |
@@ -15,10 +15,13 @@ A SuperNode is started with a node config, e.g.::
 | ``log-dir`` | a folder for ``messages.jsonl``: bytes down and up of every message, counted on the device |
 
 ``device_mod`` is a Flower client mod around the project's ClientApp (``clients.app``): it composes
-the run's config from the run config (``fl.deploy.run_config``), hands the ClientApp its
-``ClientSpec`` (the local-folder view of it when ``data-root`` is set), sets the thread count, and
-counts each message's bytes with the same measure as the server's meter
-(``fl.payload.payload_bytes``).
+the run's config from the run config (``fl.deploy.run_config``; no ``overrides`` key: the shipped
+defaults), hands the ClientApp its ``ClientSpec`` (the local-folder view of it when ``data-root`` is
+set, sized by ``num-partitions`` when the run config leaves ``num_clients`` alone), sets the thread
+count, and counts each message's bytes with the same measure as the server's meter
+(``fl.payload.payload_bytes``). Nothing here needs this project's ServerApp: under any ServerApp
+the data settings come from the run config and the node config, the training settings from each
+message (``clients.trainer.hyper_from``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fl.deploy.run_config import compose, log, overrides_from
+from fl.deploy.run_config import DEPLOY_DEFAULTS, compose, log, overrides_from
 from fl.errors import ConfigError
 from fl.keys import CONFIG, DELTA_TIER, METRICS, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
 from fl.payload import payload_bytes
@@ -116,14 +119,18 @@ def delta_tier(profile: str, profiles: list[Mapping[str, Any]], num_tiers: int =
 
 def device_run(run_config: Mapping[str, Any], device: DeviceSettings) -> DeviceRun:
     """Compose the run's config and build what the ClientApp needs (memoized per process)."""
-    return _device_run(tuple(overrides_from(run_config)), device.data_root, device.profile, device.tier)
+    return _device_run(tuple(overrides_from(run_config)), device.data_root, device.profile, device.tier,
+                       device.num_partitions)
 
 
 @functools.lru_cache(maxsize=8)
-def _device_run(overrides: tuple[str, ...], data_root: str | None, profile: str | None, tier: int | None) -> DeviceRun:
+def _device_run(overrides: tuple[str, ...], data_root: str | None, profile: str | None, tier: int | None,
+                num_partitions: int | None = None) -> DeviceRun:
     from fl.config import build
 
     cfg = compose(list(overrides))
+    if num_partitions is not None and not sets_num_clients(overrides, cfg):
+        cfg = sized_view(cfg, num_partitions)
     num_clients = int(cfg.num_clients)
     if profile is not None and tier is None:
         tier = delta_tier(profile, OmegaConf.to_container(cfg.device.profiles, resolve=True))
@@ -131,6 +138,30 @@ def _device_run(overrides: tuple[str, ...], data_root: str | None, profile: str 
         cfg = local_view(cfg, data_root)
     spec, _, _ = build(cfg, run_dir="")
     return DeviceRun(client=spec.client, num_clients=num_clients, edge_model=spec.client.model.name, tier=tier)
+
+
+def sets_num_clients(overrides: tuple[str, ...], cfg: DictConfig) -> bool:
+    """Whether the run config chose ``num_clients`` (an override of it, or a preset that changes it)."""
+    named = any(o.split("=", 1)[0].lstrip("+~") == "num_clients" for o in overrides)
+    return named or int(cfg.num_clients) != _shipped_num_clients()
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_num_clients() -> int:
+    return int(compose(list(DEPLOY_DEFAULTS)).num_clients)
+
+
+def sized_view(cfg: DictConfig, num_partitions: int) -> DictConfig:
+    """The run split into ``num_partitions`` clients (the node config's ``num-partitions``).
+
+    The server-side minimums are capped at that size: a client builds the run's specs, and with
+    a ServerApp of someone else's they describe nothing that runs."""
+    sized = cfg.copy()
+    with open_dict(sized):
+        sized.num_clients = num_partitions
+        sized.min_fit_clients = min(int(sized.min_fit_clients), num_partitions)
+        sized.min_evaluate_clients = min(int(sized.min_evaluate_clients), num_partitions)
+    return sized
 
 
 def local_view(cfg: DictConfig, data_root: str) -> DictConfig:
