@@ -3,6 +3,10 @@
 `build_federation` does the work (dataset factory from `DATASETS`, partitioner from
 `PARTITIONERS`, label histogram, one summary log line); `get_federation` memoizes it per process
 so that every client in a process shares one resident copy of the images.
+
+Nothing here holds an object per client: the partition is one `ClientIndices` (flat arrays) and
+the checks and the histogram are vectorized, so a federation of a million clients costs a few
+bytes per sample (the synthetic set renders a client's images only when it is read).
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ import inspect
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from fl.data.imageset import ImageSet
-from fl.data.partition import PARTITIONERS, label_histogram
+from fl.data.partition import PARTITIONERS, ClientIndices, label_histogram
 from fl.data.sources import DATASETS
 from fl.errors import ConfigError
 
@@ -35,7 +39,7 @@ class Federation:
 
     train: ImageSet
     test: ImageSet
-    client_indices: list[np.ndarray]
+    client_indices: Sequence[np.ndarray]  # a ClientIndices: client_indices[c] is client c's int64 indices
     histogram: np.ndarray  # int64 [num_clients, num_classes]
     num_classes: int
     channels: int
@@ -67,7 +71,7 @@ def build_federation(name: str, num_clients: int, seed: int, partition: Mapping[
     partitioner = PARTITIONERS.get(part_name)
     _check_options(partitioner, params, "data.partition", f"partitioner {part_name!r}", skip=_PARTITIONER_ARGS)
     rng = np.random.default_rng([int(seed), _PARTITION_TAG])
-    parts = [np.asarray(p, dtype=np.int64) for p in partitioner(train.labels, int(num_clients), rng, **params)]
+    parts = ClientIndices.pack(partitioner(train.labels, int(num_clients), rng, **params))
     _check_parts(parts, num_clients, len(train), part_name)
 
     histogram = label_histogram(train.labels, parts, train.num_classes)
@@ -153,16 +157,19 @@ def _check_options(fn, options: Mapping[str, Any], prefix: str, what: str, skip:
             raise ConfigError(f"{prefix}.{key}", f"unknown option for {what}; allowed: {', '.join(allowed) or 'none'}")
 
 
-def _check_parts(parts: list[np.ndarray], num_clients: int, n: int, name: str) -> None:
+def _check_parts(parts: ClientIndices, num_clients: int, n: int, name: str) -> None:
     """A partitioner's contract: one index array per client, disjoint, in range, none empty."""
     if len(parts) != num_clients:
         raise RuntimeError(f"partitioner {name!r} returned {len(parts)} parts for {num_clients} clients")
-    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    flat = parts.flat
     if flat.size and (flat.min() < 0 or flat.max() >= n):
         raise RuntimeError(f"partitioner {name!r} returned indices outside [0, {n})")
-    if len(np.unique(flat)) != len(flat):
+    seen = np.zeros(n, dtype=bool)  # one byte per sample rather than a sorted copy of every index
+    seen[flat] = True
+    if np.count_nonzero(seen) != len(flat):
         raise RuntimeError(f"partitioner {name!r} gave a sample to more than one client")
-    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    del seen
+    empty = np.flatnonzero(parts.sizes() == 0).tolist()
     if empty:
         raise ConfigError("data.partition", f"{name} left {len(empty)} client(s) without samples (e.g. client "
                                             f"{empty[0]}); use fewer clients or other partition parameters")

@@ -1,9 +1,9 @@
 """Label-based partitioners that split one training set across clients.
 
-Every partitioner has the signature `fn(labels, num_clients, rng, **params) -> list[np.ndarray]`
+Every partitioner has the signature `fn(labels, num_clients, rng, **params) -> Sequence[np.ndarray]`
 (one sorted int64 index array per client) and assigns every sample to exactly one client:
 
-- `iid`: a seeded random permutation cut into near-equal parts.
+- `iid`: a seeded random permutation cut into near-equal parts, returned as `ClientIndices`.
 - `shards`: the pathological non-IID split of McMahan et al., "Communication-Efficient Learning of
   Deep Networks from Decentralized Data" (AISTATS 2017, Sec. 3): samples sorted by label, cut into
   `num_clients * classes_per_client` shards, `classes_per_client` shards per client. Shards are cut
@@ -11,9 +11,15 @@ Every partitioner has the signature `fn(labels, num_clients, rng, **params) -> l
 - `dirichlet`: per-class proportions over clients drawn from Dir(beta) (Hsu et al., "Measuring the
   Effects of Non-Identical Data Distribution for Federated Visual Classification", 2019), with the
   balancing rule of Wang et al. (FedMA, ICLR 2020) that stops feeding clients already above N/M.
+
+`ClientIndices` holds a whole partition in two flat arrays (every client's indices back to back,
+int32 while they fit, and where each client's run starts), so that a million clients cost a few
+bytes per sample instead of a NumPy array object each; indexing it gives one client's int64 array.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,12 +31,79 @@ PARTITIONERS: Registry = Registry("partitioner", "data.partition.name")
 _PARAMS_KEY = "data.partition"
 
 
+class ClientIndices(Sequence):
+    """A partition as flat arrays: client c holds `flat[offsets[c]:offsets[c + 1]]` (sorted).
+
+    `parts[c]` is client c's int64 index array (a fresh copy); `sizes()` and `owners()` answer for
+    every client at once without building per-client arrays.
+    """
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(flat):
+            raise ValueError("offsets must run from 0 to len(flat)")
+        self.flat = flat
+        self.offsets = offsets.astype(np.int64, copy=False)
+        self.flat.setflags(write=False)
+        self.offsets.setflags(write=False)
+
+    @classmethod
+    def pack(cls, parts: Sequence[np.ndarray]) -> "ClientIndices":
+        """`parts` as one flat array (int32 while every index fits); a `ClientIndices` is returned as is."""
+        if isinstance(parts, ClientIndices):
+            return parts
+        arrays = [np.asarray(p).ravel() for p in parts]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
+        if flat.dtype.kind not in "iu":
+            flat = flat.astype(np.int64)  # e.g. an empty float array from a user's partitioner
+        return cls(flat.astype(_index_dtype(flat.max() + 1 if flat.size else 0)), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, client):
+        if isinstance(client, slice):
+            return [self[c] for c in range(*client.indices(len(self)))]
+        c = int(client)
+        if c < 0:
+            c += len(self)
+        if not 0 <= c < len(self):
+            raise IndexError(f"client {client} out of range for {len(self)} clients")
+        return self.flat[self.offsets[c]:self.offsets[c + 1]].astype(np.int64)
+
+    def __repr__(self) -> str:
+        return f"ClientIndices({len(self)} clients, {len(self.flat)} samples)"
+
+    def sizes(self) -> np.ndarray:
+        """Samples per client, int64 [num_clients]."""
+        return np.diff(self.offsets)
+
+    def owners(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The client of each entry of `flat[offsets[start]:offsets[stop]]`."""
+        stop = len(self) if stop is None else stop
+        return np.repeat(np.arange(start, stop, dtype=_index_dtype(stop)), self.sizes()[start:stop])
+
+
 @PARTITIONERS.register("iid")
-def iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Uniformly random, near-equal split (sizes differ by at most one)."""
+def iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> ClientIndices:
+    """Uniformly random, near-equal split (sizes differ by at most one).
+
+    The permutation cut as `np.array_split(rng.permutation(n), num_clients)` would cut it (the
+    first n % num_clients clients one sample more), each part sorted, built in place in one flat
+    array: shuffling `arange(n)` draws exactly what `rng.permutation(n)` draws, in int32 when it fits.
+    """
     _check_clients(labels, num_clients)
-    perm = rng.permutation(len(labels))
-    return [np.sort(part).astype(np.int64) for part in np.array_split(perm, num_clients)]
+    n = len(labels)
+    flat = np.arange(n, dtype=_index_dtype(n))
+    rng.shuffle(flat)
+    size, larger = divmod(n, num_clients)
+    head = larger * (size + 1)  # the first `larger` clients hold size + 1 samples
+    flat[:head].reshape(larger, size + 1).sort(axis=1)
+    flat[head:].reshape(num_clients - larger, size).sort(axis=1)
+    offsets = np.concatenate([np.arange(larger + 1, dtype=np.int64) * (size + 1),
+                              head + np.arange(1, num_clients - larger + 1, dtype=np.int64) * size])
+    return ClientIndices(flat, offsets)
 
 
 @PARTITIONERS.register("shards")
@@ -107,11 +180,22 @@ def dirichlet(labels: np.ndarray, num_clients: int, rng: np.random.Generator,
     return [np.sort(p).astype(np.int64) for p in parts]
 
 
-def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """Samples per class for every client: int64 [num_clients, num_classes]."""
+def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int,
+                    chunk: int = 1 << 14) -> np.ndarray:
+    """Samples per class for every client: int64 [num_clients, num_classes] (labels >= num_classes
+    are not counted); a `ClientIndices` is counted `chunk` clients at a time, without a loop per client."""
     hist = np.zeros((len(parts), num_classes), dtype=np.int64)
-    for i, part in enumerate(parts):
-        hist[i] = np.bincount(labels[part], minlength=num_classes)[:num_classes]
+    if not isinstance(parts, ClientIndices):
+        for i, part in enumerate(parts):
+            hist[i] = np.bincount(labels[part], minlength=num_classes)[:num_classes]
+        return hist
+    for start in range(0, len(parts), chunk):
+        stop = min(start + chunk, len(parts))
+        cells = labels[parts.flat[parts.offsets[start]:parts.offsets[stop]]].astype(np.int64)
+        keep = (cells >= 0) & (cells < num_classes)
+        cells += (parts.owners(start, stop) - start).astype(np.int64) * num_classes
+        counts = np.bincount(cells[keep], minlength=(stop - start) * num_classes)
+        hist[start:stop] = counts.reshape(stop - start, num_classes)
     return hist
 
 
@@ -178,6 +262,11 @@ def _apportion(counts: np.ndarray, total: int) -> np.ndarray:
                     share[c] += 1
                     spare -= 1
     return share
+
+
+def _index_dtype(n: int) -> type:
+    """int32 for indices below `n` where they fit (half the memory of int64), else int64."""
+    return np.int32 if n <= np.iinfo(np.int32).max else np.int64
 
 
 def _check_clients(labels: np.ndarray, num_clients: int) -> None:

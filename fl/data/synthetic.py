@@ -19,10 +19,18 @@ Every pixel and mask of sample i is a function of (seed, stream, i) alone: its r
 from its own generator seeded with those words, and the vectorized rendering is elementwise, so
 the same seed gives bit-identical images in any process and in any rendering order. Labels are
 drawn up front; pixels are rendered lazily on the first `get` of an index and cached.
+
+Memory does not grow with the set: a set of up to `DIRECT_CACHE` images caches every image it
+renders (at most 192 MiB); a larger one (a federation of 10,000 or a million clients, whose
+clients are sampled a hundred per round) keeps only the `RING_CACHE` most recently rendered images
+and renders again on a miss, the same bytes. Its labels take the smallest unsigned dtype that holds
+the classes (one byte per sample instead of eight) once there are more than `INT64_LABELS` of them.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from itertools import product
 
@@ -104,6 +112,11 @@ _DECOYS = 2  # slots for smaller look-alike objects behind the main one
 _NUM_UNIFORMS = 40 + 2 * len(PARTS) + 9 * _CLUTTER + 10 * _DECOYS  # drawn per sample; changing it changes every image
 _LABEL_TAG = 0x1ABE1
 _PIXEL_TAG = 0x91CE1
+DIRECT_CACHE = 1 << 16  # sets up to this many images cache every image (3 KiB each: 192 MiB at most)
+RING_CACHE = 1 << 14  # larger sets keep this many recently rendered images (48 MiB)
+INT64_LABELS = 1 << 22  # up to this many labels stay int64 (32 MiB); more take uint8/uint16
+_LABEL_CHUNK = 1 << 20  # labels are drawn this many at a time (the same stream as one draw)
+_BYTES_PER_SAMPLE = 6  # resident per training sample at most: a label, a partition index, a check byte
 
 
 def scene_classes(num_classes: int) -> tuple[SceneClass, ...]:
@@ -141,14 +154,21 @@ class SyntheticImageSet(ImageSet):
         self.class_names = [c.name for c in self.classes]
         self.part_names = list(PART_NAMES)
         self.parts_of_class = [("body",) + c.parts for c in self.classes]
-        labels = np.random.default_rng([self.seed, self.stream, _LABEL_TAG]).integers(num_classes, size=size)
-        self._init_meta(labels, num_classes, 3, SIZE, MEAN, STD, name)
-        self._array = np.empty((size, 3, SIZE, SIZE), dtype=np.uint8)  # pages are touched on first render
-        self._pixels = torch.from_numpy(self._array)
-        self._rendered = np.zeros(size, dtype=bool)
+        _check_fits(size, name)
+        self._init_meta(_draw_labels(size, num_classes, [self.seed, self.stream, _LABEL_TAG]), num_classes, 3, SIZE,
+                        MEAN, STD, name)
         self._renderer = _Renderer(self.classes, self.difficulty)
+        if size <= DIRECT_CACHE:
+            self._array = np.empty((size, 3, SIZE, SIZE), dtype=np.uint8)  # pages are touched on first render
+            self._pixels = torch.from_numpy(self._array)
+            self._rendered = np.zeros(size, dtype=bool)
+            self._ring = None
+        else:
+            self._ring = _RingCache(RING_CACHE)
 
     def _gather(self, idx: np.ndarray) -> np.ndarray:
+        if self._ring is not None:
+            return self._ring.gather(idx, lambda missing: self._render(missing)[0])
         missing = np.unique(idx[~self._rendered[idx]])
         if len(missing):
             # Two threads may render the same index at once; both write identical bytes, and the
@@ -156,6 +176,10 @@ class SyntheticImageSet(ImageSet):
             self._array[missing] = self._render(missing)[0]
             self._rendered[missing] = True
         return self._array[idx]
+
+    def get(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().get(indices)
+        return x, y.long()  # compact labels of a large set leave as int64 like every other set's
 
     def masks(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Object mask bool [B, H, W] and part mask int64 [B, H, W] (ids index `part_names`)."""
@@ -175,6 +199,73 @@ class SyntheticImageSet(ImageSet):
             uniforms[row] = rng.random(_NUM_UNIFORMS)
             rng.random(dtype=np.float32, out=noise[row])
         return self._renderer(self.labels[idx], uniforms, noise)
+
+
+def _draw_labels(size: int, num_classes: int, seed_words: list[int]) -> np.ndarray:
+    """`default_rng(seed_words).integers(num_classes, size=size)`, drawn in chunks (the generator
+    continues its stream across calls, so the values are the same) into int64 for a set of up to
+    `INT64_LABELS` samples and into the smallest unsigned dtype that holds the classes above that."""
+    rng = np.random.default_rng(seed_words)
+    if size <= INT64_LABELS:
+        return rng.integers(num_classes, size=size)
+    labels = np.empty(size, dtype=np.uint8 if num_classes <= 256 else np.uint16)
+    for start in range(0, size, _LABEL_CHUNK):
+        stop = min(start + _LABEL_CHUNK, size)
+        labels[start:stop] = rng.integers(num_classes, size=stop - start)
+    return labels
+
+
+def _check_fits(size: int, name: str) -> None:
+    """Refuse, as a MemoryError, a set whose labels and partition indices alone exceed this machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): let the allocation decide
+        return
+    need = size * _BYTES_PER_SAMPLE
+    if need > total:
+        raise MemoryError(f"{name}: {size:,} samples need about {need / 2**30:.0f} GiB for their labels and "
+                          f"partition indices; this machine has {total / 2**30:.0f} GiB")
+
+
+class _RingCache:
+    """The last `capacity` rendered images by sample index; a miss is rendered again (same bytes).
+
+    Slots are reused in order (a ring), so memory is one fixed [capacity, 3, H, W] array and a dict
+    of `capacity` entries. Rendering happens outside the lock: two threads may render the same
+    index at once, and the first to store it wins (both have identical bytes).
+    """
+
+    def __init__(self, capacity: int):
+        self.pixels = np.empty((capacity, 3, SIZE, SIZE), dtype=np.uint8)
+        self.owner = np.full(capacity, -1, dtype=np.int64)  # sample index held by each slot
+        self.slot_of: dict[int, int] = {}
+        self.next_slot = 0
+        self.lock = threading.Lock()
+
+    def gather(self, idx: np.ndarray, render) -> np.ndarray:
+        out = np.empty((len(idx), 3, SIZE, SIZE), dtype=np.uint8)
+        with self.lock:
+            slots = np.fromiter((self.slot_of.get(i, -1) for i in idx.tolist()), dtype=np.int64, count=len(idx))
+            hit = slots >= 0
+            out[hit] = self.pixels[slots[hit]]
+        if hit.all():
+            return out
+        missing, where = np.unique(idx[~hit], return_inverse=True)
+        rendered = render(missing)
+        out[~hit] = rendered[where]
+        keep = slice(max(len(missing) - len(self.owner), 0), None)  # a batch larger than the ring keeps its tail
+        with self.lock:
+            for i, image in zip(missing[keep].tolist(), rendered[keep]):
+                if i in self.slot_of:
+                    continue
+                slot = self.next_slot
+                self.next_slot = (slot + 1) % len(self.owner)
+                if self.owner[slot] >= 0:
+                    del self.slot_of[int(self.owner[slot])]
+                self.owner[slot] = i
+                self.slot_of[i] = slot
+                self.pixels[slot] = image
+        return out
 
 
 class _Draws:

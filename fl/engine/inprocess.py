@@ -18,16 +18,22 @@ the system by themselves: without a trim the process grew from 1,341 to 1,497 Mi
 1 and 4 at N=1000 (peak 1,597 MiB, against 1,466 with the trim) while the single-threaded plain
 loop stayed at 1,219 MiB (README, "Engines and their cost"). The grid trims once per
 ``send_and_receive``, when the workers are idle (``release_freed_memory``).
+
+Nothing is held per registered node until a message reaches it: node ``i + 1`` holds partition
+``i``, node ids are a ``range``, a node's ``Context`` is created on its first message, and the
+node directory is two arithmetic mappings (``ConsecutiveIds``), so a million registered nodes of
+which a hundred train per round cost what a hundred do.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import operator
 import threading
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from uuid import uuid4
 
@@ -38,6 +44,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fl.directory import NodeDirectory
 from fl.keys import NUM_PARTITIONS, PARTITION_ID
 
 
@@ -50,17 +57,9 @@ class InProcessGrid(Grid):
         self._app = client_app
         self._run = Run.create_empty(run_id)
         identify_as_server(run_id)
-        self._node_ids = [partition + 1 for partition in range(num_nodes)]
-        self._contexts = {
-            node_id: Context(
-                run_id=run_id,
-                node_id=node_id,
-                node_config={PARTITION_ID: node_id - 1, NUM_PARTITIONS: num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for node_id in self._node_ids
-        }
+        self._run_id = run_id
+        self._node_ids = range(1, num_nodes + 1)
+        self._contexts: dict[int, Context] = {}  # created on a node's first message
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="client")
         self._pending: dict[str, Future[Message]] = {}
         self._lock = threading.Lock()
@@ -79,12 +78,12 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._node_ids)
+        return self._node_ids
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
-            if message.metadata.dst_node_id not in self._contexts:
+            if message.metadata.dst_node_id not in self._node_ids:
                 raise ValueError(f"message addressed to unknown node {message.metadata.dst_node_id}")
             message_id = str(uuid4())
             message.metadata.__dict__["_message_id"] = message_id
@@ -122,21 +121,42 @@ class InProcessGrid(Grid):
 
     def partition_of(self, node_id: int) -> int:
         """The partition a node holds; lets the server skip the discovery query."""
-        return int(self._contexts[node_id].node_config[PARTITION_ID])
+        if node_id not in self._node_ids:
+            raise KeyError(node_id)
+        return int(node_id) - 1
+
+    def node_directory(self) -> NodeDirectory:
+        """The whole partition <-> node mapping without a query or a dict entry per node."""
+        return _ConsecutiveDirectory(ConsecutiveIds(len(self._node_ids), shift=1))
 
     def node_states(self) -> dict[int, RecordDict]:
-        """Every node's persistent ``Context.state`` (for checkpoints)."""
-        return {node_id: context.state for node_id, context in self._contexts.items()}
+        """The persistent ``Context.state`` of every node that has received a message (for
+        checkpoints; the others' state is empty, as a fresh context's)."""
+        with self._lock:
+            return {node_id: context.state for node_id, context in self._contexts.items()}
 
     def restore_node_states(self, states: dict[int, RecordDict]) -> None:
         for node_id, state in states.items():
-            self._contexts[int(node_id)].state = state
+            self._context(int(node_id)).state = state
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def _context(self, node_id: int) -> Context:
+        """Node ``node_id``'s persistent context, created on first use."""
+        with self._lock:
+            context = self._contexts.get(node_id)
+            if context is None:
+                if node_id not in self._node_ids:
+                    raise KeyError(node_id)
+                context = Context(run_id=self._run_id, node_id=node_id,
+                                  node_config={PARTITION_ID: node_id - 1, NUM_PARTITIONS: len(self._node_ids)},
+                                  state=RecordDict(), run_config={})
+                self._contexts[node_id] = context
+            return context
+
     def _deliver(self, message: Message) -> Message:
-        context = self._contexts[message.metadata.dst_node_id]
+        context = self._context(message.metadata.dst_node_id)
         started = time.time()
         try:
             reply = self._app(message, context)
@@ -146,6 +166,49 @@ class InProcessGrid(Grid):
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         reply.metadata.__dict__["_delivered_at"] = str(started)
         return reply
+
+
+class ConsecutiveIds(Mapping[int, int]):
+    """The mapping ``{k: k + shift for k in keys}`` over consecutive ``keys`` (``range(start, start
+    + n)``), answered by arithmetic; ``inverse()`` maps the values back."""
+
+    def __init__(self, n: int, shift: int, start: int = 0):
+        self.keys_range = range(start, start + n)
+        self.shift = shift
+
+    def __getitem__(self, key: int) -> int:
+        if not self.__contains__(key):
+            raise KeyError(key)
+        return operator.index(key) + self.shift
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.keys_range)
+
+    def __len__(self) -> int:
+        return len(self.keys_range)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return not isinstance(key, bool) and operator.index(key) in self.keys_range
+        except TypeError:
+            return False
+
+    def values(self) -> range:  # type: ignore[override]  (a range: set() and sorted() of it are fast)
+        return range(self.keys_range.start + self.shift, self.keys_range.stop + self.shift)
+
+    def inverse(self) -> "ConsecutiveIds":
+        return ConsecutiveIds(len(self), -self.shift, self.keys_range.start + self.shift)
+
+    def __repr__(self) -> str:
+        return f"ConsecutiveIds({self.keys_range} -> +{self.shift})"
+
+
+class _ConsecutiveDirectory(NodeDirectory):
+    """A ``NodeDirectory`` over ``ConsecutiveIds``: its inverse is arithmetic too."""
+
+    @property
+    def partition_of_node(self) -> Mapping[int, int]:  # type: ignore[override]
+        return self.node_of_partition.inverse()
 
 
 def _load_malloc_trim():
