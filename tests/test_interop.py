@@ -288,3 +288,86 @@ def test_directory_falls_back_to_node_order_for_nodes_that_cannot_answer():
     grid = ScriptedGrid({5: "RuntimeError: disk full", 7: 0, 9: 1})
     assert NodeDirectory.discover(grid).node_of_partition == {0: 7, 1: 9, 2: 5}  # some other error: ask the rest
     assert grid.asked == [5, 7, 9]
+
+
+# -- flwr run: a Flower app of someone else's, with our ClientApp as its clientapp ---------------------------
+
+STOCK_APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "stock-server"
+version = "1.0.0"
+dependencies = ["flwr[simulation]==1.41.0"]
+
+[tool.flwr.app]
+publisher = "someone-else"
+
+[tool.flwr.app.components]
+serverapp = "stock_server:app"
+clientapp = "fl.deploy.client_app:app"
+
+[tool.flwr.app.config]
+num-server-rounds = 2
+overrides = "data.samples_per_client=12 data.test_size=32 seed=3"
+result-file = ""
+"""
+
+STOCK_SERVER = '''\
+import json
+import math
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fl.models import get_model
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    torch.manual_seed(0)
+    initial = ArrayRecord(get_model("cnn_small", num_classes=10).state_dict())
+    result = FedAvg(fraction_evaluate=1.0).start(grid=grid, initial_arrays=initial,
+                                                 num_rounds=int(context.run_config["num-server-rounds"]),
+                                                 train_config=ConfigRecord({"lr": 0.05}))
+    with open(context.run_config["result-file"], "w") as f:
+        json.dump({"train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+                   "evaluate": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()}}, f)
+'''
+
+
+@pytest.mark.slow
+def test_our_client_app_under_a_stock_server_with_flwr_run(tmp_path):
+    """``flwr run <someone else's app> local-simulation``: their ServerApp (Flower's FedAvg), our
+    ClientApp named as their clientapp, three virtual SuperNodes (Flower gives each partition-id and
+    num-partitions=3), the data settings in their run config's ``overrides``."""
+    import os
+
+    from tests.test_deploy import ROOT, Processes, flwr_cli, free_port
+
+    app_dir = tmp_path / "stock_app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(STOCK_APP_PYPROJECT)
+    (app_dir / "stock_server.py").write_text(STOCK_SERVER)
+    result_file = tmp_path / "result.json"
+    env = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # use this environment; no `uv sync` per run
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # our packages
+    processes = Processes(tmp_path)
+    try:
+        done = flwr_cli(processes, None, ["run", str(app_dir), "test", "--run-config", f'result-file="{result_file}"',
+                                          "--federation-config", "num-supernodes=3", "--stream"], timeout=540, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        processes.adopt("local-superlink", str(tmp_path / "flwr-home" / "cli"))  # it outlives `flwr run`
+        processes.stop()
+    result = json.loads(result_file.read_text())
+    assert sorted(result["train"]) == ["1", "2"] and sorted(result["evaluate"]) == ["1", "2"]
+    assert all(math.isfinite(v) for m in [*result["train"].values(), *result["evaluate"].values()] for v in m.values())
+    assert "Traceback" not in done.stdout + done.stderr
