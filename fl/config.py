@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import re
+import socket
 from typing import Any, Callable, Mapping
 
 from flwr.serverapp.strategy import Strategy
@@ -36,6 +37,7 @@ from strategies.base import RobustBounds
 log = logging.getLogger(__name__)
 
 ENGINES = ("inprocess", "ray")
+RAY_CONNECT_TIMEOUT_S = 5.0
 _DATA_KEYS = ("name", "root", "partition")
 # The keys the run reads (a Hydra config group or a section of config.yaml); any other is refused.
 KEYS = ("seed", "num_clients", "fraction_fit", "fraction_evaluate", "min_fit_clients", "min_evaluate_clients", "rounds",
@@ -46,7 +48,7 @@ SECTION_KEYS = {
     "codec": ("down", "up"),
     "faults": ("crash", "hang", "late", "nan", "hostile", "hostile_kind", "hang_seconds", "late_seconds"),
     "robust": ("max_weight_ratio", "max_norm_ratio"),
-    "ray": ("address", "num_cpus_per_client"),
+    "ray": ("address", "num_cpus_per_client", "num_gpus_per_client"),
     "engine": ("name", "workers", "torch_threads"),
     "device": ("profiles", "deadline_s"),
 }
@@ -88,9 +90,11 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
     ray_cfg = c.get("ray") or {}
     engine = EngineSpec(name=engine_name, workers=_int(e, "workers", minimum=1, prefix="engine."),
                         torch_threads=_int(e, "torch_threads", minimum=1, prefix="engine."),
-                        ray_address=_address(ray_cfg),
+                        ray_address=_address(ray_cfg, check=engine_name == "ray"),
                         ray_cpus_per_client=_float(ray_cfg, "num_cpus_per_client", minimum=0.0, exclusive=True,
                                                    prefix="ray.", default=1.0),
+                        ray_gpus_per_client=_gpu_fraction(ray_cfg, local=ray_cfg.get("address") is None,
+                                                          check=engine_name == "ray"),
                         verbose=_bool(c, "verbose", False))
     settings = dict(eval_every=_int(c, "eval_every", minimum=0),
                     round_timeout=_float(c, "round_timeout", minimum=0.0, exclusive=True, default=3600.0),
@@ -323,10 +327,38 @@ def _bool(c: Mapping[str, Any], key: str, default: bool, *, prefix: str = "") ->
     return value
 
 
-def _address(ray_cfg: Mapping[str, Any]) -> str | None:
+def _address(ray_cfg: Mapping[str, Any], *, check: bool) -> str | None:
+    """``ray.address``; for a ``engine=ray`` run, a host:port must accept a connection within a few
+    seconds (a cluster that is not there is one error line, not a hang inside Ray)."""
     value = ray_cfg.get("address")
     if value is not None and not (isinstance(value, str) and value):
         raise ConfigError("ray.address", f"must be null (a local Ray), \"auto\" or host:port, got {value!r}")
+    if check and value not in (None, "auto"):
+        host, _, port = str(value).removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("ray.address", f"must be null (a local Ray), \"auto\" or host:port, got {value!r}")
+        try:
+            socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise ConfigError("ray.address", f"cannot reach a Ray cluster at {value} within {RAY_CONNECT_TIMEOUT_S:.0f} s "
+                                             f"({exc.strerror or exc}); start its head with `ray start --head "
+                                             f"--port={port}` there, or fix the address") from None
+    return value
+
+
+def _gpu_fraction(ray_cfg: Mapping[str, Any], *, local: bool, check: bool) -> float:
+    """``ray.num_gpus_per_client``: 0 (CPU clients) or a GPU share in (0, 1] that Flower's Ray backend
+    reserves per client; a local Ray needs a CUDA GPU on this machine for it."""
+    value = _float(ray_cfg, "num_gpus_per_client", minimum=0.0, prefix="ray.", default=0.0)
+    if value > 1:
+        raise ConfigError("ray.num_gpus_per_client", f"must be 0 (no GPU) or a share of one GPU in (0, 1], got {value}")
+    if check and value > 0 and local:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("ray.num_gpus_per_client", f"{value} asks for a GPU but this machine has no CUDA "
+                                                         "device for a local Ray; set 0, or give ray.address of a "
+                                                         "cluster with GPUs")
     return value
 
 

@@ -29,6 +29,7 @@ class EngineSpec:
     torch_threads: int = 1  # inprocess: torch intra-op threads while clients train
     ray_address: str | None = None  # ray: an existing cluster ("auto" or host:port); None = local
     ray_cpus_per_client: float = 1.0
+    ray_gpus_per_client: float = 0.0  # ray: the GPU share Flower reserves per client (0: CPU clients)
     verbose: bool = False
 
 
@@ -61,6 +62,7 @@ def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None =
         from fl.engine.ray_sim import run_on_ray
 
         run_on_ray(server_app, client_app, num_nodes, num_cpus_per_client=engine.ray_cpus_per_client,
+                   num_gpus_per_client=engine.ray_gpus_per_client,
                    address=engine.ray_address, verbose=engine.verbose)
     else:
         raise ValueError(f"unknown engine {engine.name!r}")

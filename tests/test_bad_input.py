@@ -10,6 +10,7 @@ same argv); a few cases also run as a subprocess to check the real command line.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.helpers import run_cli
 
@@ -66,6 +67,10 @@ CASES = [  # (overrides, the key the error line names, a fragment of the line)
     (["codec.down=topk_0.1"], "codec.down", "codec.up only"),
     (["engine.name=nope"], "engine.name", "allowed: inprocess, ray"),
     (["engine.workers=0"], "engine.workers", "must be >= 1"),
+    (["ray.num_gpus_per_client=1.5"], "ray.num_gpus_per_client", "(0, 1]"),
+    (["ray.num_gpus_per_client=-1"], "ray.num_gpus_per_client", "must be >= 0"),
+    (["engine=ray", "ray.address=127.0.0.1:1"], "ray.address", "cannot reach a Ray cluster"),
+    (["engine=ray", "ray.address=headnode"], "ray.address", "host:port"),
     (["faults.crash=2"], "faults.crash", "[0, 1]"),
     (["checkpoint_every=-1"], "checkpoint_every", "must be >= 0"),
     (["eval_every=abc"], "eval_every", "must be an integer"),
@@ -214,3 +219,11 @@ def test_the_command_line_itself(tmp_path, overrides, key):
     assert result.returncode == 2, result.stderr[-2000:]
     assert _one_error_line(result.stdout + result.stderr).startswith(f"error: {key}: ")
     assert not run_dir.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: a local Ray may reserve it")
+def test_a_gpu_share_for_a_local_ray_without_a_gpu_is_one_line(tmp_path, capfd):
+    code, err = _cli_in_process([*BASE, "engine=ray", "ray.num_gpus_per_client=0.5", f"hydra.run.dir={tmp_path / 'run'}"],
+                                capfd)
+    assert code == 2 and _one_error_line(err).startswith("error: ray.num_gpus_per_client: 0.5 asks for a GPU")
+    assert not (tmp_path / "run").exists()

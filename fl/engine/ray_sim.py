@@ -14,12 +14,12 @@ from flwr.simulation import run_simulation
 
 
 def run_on_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, *, num_cpus_per_client: float = 1.0,
-               address: str | None = None, verbose: bool = False) -> None:
+               num_gpus_per_client: float = 0.0, address: str | None = None, verbose: bool = False) -> None:
     init_args: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "ERROR" if not verbose else "INFO"}
     if address:
         init_args["address"] = address
     backend_config = {
-        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
         "init_args": init_args,
     }
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
