@@ -47,7 +47,7 @@ class ClientIndices(Sequence):
         self.offsets.setflags(write=False)
 
     @classmethod
-    def pack(cls, parts: Sequence[np.ndarray]) -> "ClientIndices":
+    def pack(cls, parts: Sequence[np.ndarray]) -> ClientIndices:
         """`parts` as one flat array (int32 while every index fits); a `ClientIndices` is returned as is."""
         if isinstance(parts, ClientIndices):
             return parts

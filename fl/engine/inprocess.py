@@ -196,7 +196,7 @@ class ConsecutiveIds(Mapping[int, int]):
     def values(self) -> range:  # type: ignore[override]  (a range: set() and sorted() of it are fast)
         return range(self.keys_range.start + self.shift, self.keys_range.stop + self.shift)
 
-    def inverse(self) -> "ConsecutiveIds":
+    def inverse(self) -> ConsecutiveIds:
         return ConsecutiveIds(len(self), -self.shift, self.keys_range.start + self.shift)
 
     def __repr__(self) -> str:
