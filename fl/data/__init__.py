@@ -3,12 +3,13 @@
 - `ImageSet`: uint8 images resident once per process, normalized per batch by `get(indices)`.
 - `DATASETS`: `synthetic` (the offline default, fl.data.synthetic), `cifar10`, `cifar100`,
   `mnist`, `fashion_mnist`, `svhn` and `imagefolder` (fl.data.torchvision_sets).
-- `PARTITIONERS`: `iid`, `shards`, `dirichlet` (fl.data.partition), and `label_histogram`.
+- `PARTITIONERS`: `iid`, `shards`, `dirichlet` (fl.data.partition), `label_histogram`, and
+  `ClientIndices` (a whole partition in two flat arrays).
 - `build_federation` / `get_federation` (memoized per process) / `client_split`.
 """
 
 from fl.data.imageset import ImageSet, channel_stats
-from fl.data.partition import PARTITIONERS, label_histogram, stratified_split
+from fl.data.partition import PARTITIONERS, ClientIndices, label_histogram, stratified_split
 from fl.data.sources import DATASETS
 from fl.data.synthetic import SyntheticImageSet
 from fl.data import torchvision_sets  # noqa: F401  (registers the torchvision datasets)
@@ -24,6 +25,7 @@ from fl.data.federation import (
 __all__ = [
     "DATASETS",
     "PARTITIONERS",
+    "ClientIndices",
     "Federation",
     "ImageSet",
     "SyntheticImageSet",
