@@ -445,6 +445,8 @@ def build_server_app(spec: ServerSpec, plugins: list[Plugin], outcome: RunOutcom
         try:
             done = run_server(grid, spec, plugins, resume, stop)
             outcome.final_arrays, outcome.rows, outcome.control_bytes = done.final_arrays, done.rows, done.control_bytes
+        except RunStopped as exc:  # a requested stop, not a failure of the ServerApp: fl.run raises it
+            outcome.error = exc    # once the engine has returned (no traceback from Flower's thread)
         except BaseException as exc:  # surfaced by fl.run after the engine returns
             outcome.error = exc
             raise
