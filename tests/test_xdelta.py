@@ -448,3 +448,19 @@ def test_the_plugin_refuses_a_delta_map_size_that_no_layer_has_before_round_1(tm
             "plugins=[xdelta]", "plugins.xdelta.delta_map_size=64", "tensorboard=false", *TINY])
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or (tmp_path / "run" / "metrics.jsonl").read_text() == ""
 
+
+
+@pytest.mark.parametrize("pair, key", [
+    ({"data": {"name": "synthetic"}, "seed": 0, "server_samples": 0}, "plugins.xdelta.pair.server_samples"),
+    ({"data": {"name": "synthetic"}, "seed": 0, "nope": 1}, "plugins.xdelta.pair.nope"),
+    ({"data": {"name": "synthetic"}, "seed": 0, "base_recipe": {"epochz": 2}}, "plugins.xdelta.pair.base_recipe"),
+    ({"seed": 0}, "plugins.xdelta.pair"),
+])
+def test_a_bad_pair_option_is_refused_when_the_plugin_is_built(pair, key):
+    """Plugins are built at config time, so this stops the run before any work (not at the run's end)."""
+    from fl.errors import ConfigError
+    from plugins.xdelta import XDelta
+
+    with pytest.raises(ConfigError) as refused:
+        XDelta(pair=pair)
+    assert refused.value.key == key

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -66,26 +66,32 @@ class PairSpec:
     server_difficulty: float | None = None  # synthetic: the server split's difficulty (None: the run's)
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "PairSpec":
+    def from_options(cls, options: Mapping[str, Any], prefix: str = "model.pair") -> "PairSpec":
+        """The spec of ``options``; a bad one is a ConfigError naming ``prefix.<key>`` (the config
+        key it came from: ``model.pair`` or ``plugins.xdelta.pair``)."""
         o = dict(options)
         known = {"data", "seed", "server_samples", "base", "edge", "base_recipe", "edge_recipe", "server_difficulty"}
         unknown = sorted(set(o) - known)
         if unknown:
-            raise ConfigError(f"model.pair.{unknown[0]}", f"unknown option; allowed: {', '.join(sorted(known))}")
+            raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown option; allowed: {', '.join(sorted(known))}")
         if "data" not in o or "seed" not in o:
-            raise ConfigError("model.pair", "needs data (the run's data config) and seed")
+            raise ConfigError(prefix, "needs data (the run's data config) and seed")
         for key in ("base_recipe", "edge_recipe"):
             if key in o:
-                o[key] = Recipe(**dict(o[key]))
+                try:
+                    o[key] = Recipe(**dict(o[key]))
+                except TypeError as exc:
+                    raise ConfigError(f"{prefix}.{key}", f"{exc}; a recipe takes: "
+                                                         f"{', '.join(f.name for f in fields(Recipe))}") from None
         o["data"], o["base"], o["edge"] = _plain(o["data"]), _plain(o.get("base", cls.base_default())), \
             _plain(o.get("edge", {"name": "cnn_small"}))
         spec = cls(**o)
         if spec.server_samples < 1:
-            raise ConfigError("model.pair.server_samples", f"must be >= 1, got {spec.server_samples}")
+            raise ConfigError(f"{prefix}.server_samples", f"must be >= 1, got {spec.server_samples}")
         if spec.server_difficulty is not None and (spec.data.get("name") != "synthetic"
                                                    or not _in_unit_interval(spec.server_difficulty)):
-            raise ConfigError("model.pair.server_difficulty", f"a difficulty in [0, 1] for synthetic data, or null; "
-                                                              f"got {spec.server_difficulty!r}")
+            raise ConfigError(f"{prefix}.server_difficulty", f"a difficulty in [0, 1] for synthetic data, or null; "
+                                                             f"got {spec.server_difficulty!r}")
         return spec
 
     @staticmethod

@@ -50,7 +50,8 @@ class XDelta(Plugin):
             delta_epochs=int(delta_epochs), train_samples=int(train_samples), seed=int(seed))
         if reference not in ("base", "fused"):
             raise ValueError(f"xdelta.reference must be base or fused, got {reference!r}")
-        self.pair, self.cache_dir, self.report_file = pair, str(cache_dir), report_file
+        self.cache_dir, self.report_file = str(cache_dir), report_file
+        self.pair = self._pair_spec(pair)  # parsed now: a bad pair option stops the run before any work
         self._latest: ArrayRecord | None = None
 
     def on_run_start(self, run: RunView) -> Report | None:
@@ -90,13 +91,20 @@ class XDelta(Plugin):
                                          f"sim=delta_100clients); this run's model is a {type(fused).__name__}")
         return fused
 
+    @staticmethod
+    def _pair_spec(pair: Mapping[str, Any] | None):
+        if not pair:
+            return None
+        from fl.delta.pair import PairSpec
+
+        return PairSpec.from_options(pair, prefix="plugins.xdelta.pair")
+
     def _pair(self):
         """The pair's base and server split, or (None, None) without a pair (then edge+DELTA is the reference)."""
-        if not self.pair:
+        if self.pair is None:
             return None, None
-        from fl.delta.pair import PairSpec, ensure_pair, server_split
+        from fl.delta.pair import ensure_pair, server_split
 
-        spec = PairSpec.from_options(self.pair)
-        pair = ensure_pair(spec, self.cache_dir)
-        return pair.base.eval(), server_split(spec)[0]
+        pair = ensure_pair(self.pair, self.cache_dir)
+        return pair.base.eval(), server_split(self.pair)[0]
 
