@@ -12,8 +12,9 @@ quiet: one log line, no error, and nothing counted as a training failure (the qu
 traffic, ``fl.engine.metered``). The lowest node id is asked first; when its ClientApp has no
 query handler at all, the federation is taken to be such ClientApps and the others are not asked
 (a stock ClientApp raises on the query, which Flower's simulation logs with a traceback: one
-instead of one per node). A deployed device may also report its DELTA tier (``delta-tier``, from
-its device profile or node config); the directory keeps it by partition for the DELTA strategy.
+instead of one per node). A node may report more with its partition (a deployed device's DELTA
+tier, ``fl.delta.slices.DELTA_TIER``); the directory keeps those numbers by partition
+(``reported``) for the strategy whose protocol they belong to.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fl.keys import CONFIG, DELTA_TIER, METRICS, PARTITION_ID, QUERY_PARTITION
+from fl.keys import CONFIG, METRICS, PARTITION_ID, QUERY_PARTITION
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ NO_QUERY_HANDLER = "No query function registered"  # Flower's ClientApp error fo
 @dataclass(frozen=True)
 class NodeDirectory:
     node_of_partition: dict[int, int]
-    reported_tier: dict[int, int] = field(default_factory=dict)  # partition -> the tier its device reported
+    reported: dict[int, dict[str, float]] = field(default_factory=dict)  # partition -> what else its node reported
 
     @property
     def partition_of_node(self) -> dict[int, int]:
@@ -59,11 +60,11 @@ class NodeDirectory:
         if partition_of is not None:
             return cls({partition_of(node): node for node in node_ids})
         reported: dict[int, int] = {}  # node -> reported partition
-        tiers: dict[int, int] = {}  # node -> reported tier
+        extra: dict[int, dict[str, float]] = {}  # node -> the other numbers of its answer
         answer_by = time.time() + timeout  # one wait for both asks
-        errors = _ask(grid, node_ids[:1], reported, tiers, timeout)  # the first node alone (see the docstring)
+        errors = _ask(grid, node_ids[:1], reported, extra, timeout)  # the first node alone (see the docstring)
         if not any(NO_QUERY_HANDLER in reason for reason in errors.values()):
-            errors.update(_ask(grid, node_ids[1:], reported, tiers, max(answer_by - time.time(), 1.0)))
+            errors.update(_ask(grid, node_ids[1:], reported, extra, max(answer_by - time.time(), 1.0)))
         mapping = {partition: node for node, partition in reported.items()}
         next_id = max(mapping, default=-1) + 1
         unreported = [node for node in node_ids if node not in reported]
@@ -75,12 +76,12 @@ class NodeDirectory:
                    else "no partition-id in their node config or reply")
             log.info("partition query: %d of %d nodes reported no partition (%s); they take partition ids %d-%d "
                      "in node-id order", len(unreported), len(node_ids), why, next_id - len(unreported), next_id - 1)
-        return cls(mapping, {partition: tiers[node] for partition, node in mapping.items() if node in tiers})
+        return cls(mapping, {partition: extra[node] for partition, node in mapping.items() if extra.get(node)})
 
 
-def _ask(grid: Grid, node_ids: list[int], reported: dict[int, int], tiers: dict[int, int],
+def _ask(grid: Grid, node_ids: list[int], reported: dict[int, int], extra: dict[int, dict[str, float]],
          timeout: float) -> dict[int, str]:
-    """Send the partition query to ``node_ids``; fill ``reported`` and ``tiers`` from the answers and
+    """Send the partition query to ``node_ids``; fill ``reported`` and ``extra`` from the answers and
     return the error reason of each node that replied with an error (a missing reply is just absent)."""
     if not node_ids:
         return {}
@@ -96,6 +97,5 @@ def _ask(grid: Grid, node_ids: list[int], reported: dict[int, int], tiers: dict[
             continue
         if PARTITION_ID in metrics:
             reported[node] = int(metrics[PARTITION_ID])
-        if DELTA_TIER in metrics:
-            tiers[node] = int(metrics[DELTA_TIER])
+        extra[node] = {key: value for key, value in metrics.items() if key != PARTITION_ID}
     return errors

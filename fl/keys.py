@@ -9,7 +9,6 @@ PARTITION_ID = "partition-id"  # node_config key set by Flower's simulation and 
 NUM_PARTITIONS = "num-partitions"
 CODEC = "codec"  # name of the codec the sender used for ARRAYS
 QUERY_PARTITION = "query.partition"  # message type asking a node which partition it holds
-DELTA_TIER = "delta-tier"  # node config key of a device's DELTA tier, and the metric it reports in its query reply
 UP_CODEC = "up-codec"  # codec the server asks the client to encode its reply with
 LR = "lr"
 EPOCHS = "epochs"

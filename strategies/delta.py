@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 from clients.delta_trainer import NAME, TIER_WIDTH
 from clients.trainer import TRAINER
 from fl.delta.network import FusedDelta, fuse, tier_model
-from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE, VAL_FRACTION, WIDTH,
+from fl.delta.slices import (ARCH, DELTA_TIER, FNC_WEIGHT, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE, VAL_FRACTION, WIDTH,
                              WITH_FROZEN, blocks_for, download_layout, is_edge, is_trainable, same_keep,
                              upload_layout, upload_sizes, width_key)
 from fl.errors import ConfigError
@@ -253,11 +253,11 @@ class DeltaFactorized(FederatedStrategy):
     def tier_index(self, partition: int) -> int:
         """The partition's tier: the one its device reported (a deployment; ``fl.deploy.device``),
         else the run's assignment (``assign_tiers``)."""
-        reported = self._directory.reported_tier.get(partition) if self._directory else None
+        reported = self._directory.reported.get(partition, {}).get(DELTA_TIER) if self._directory else None
         if reported is not None:
             if not 0 <= reported < len(self.tiers):
-                raise ValueError(f"partition {partition} reported tier {reported}; this run has {len(self.tiers)} tiers")
-            return reported
+                raise ValueError(f"partition {partition} reported tier {reported:g}; this run has {len(self.tiers)} tiers")
+            return int(reported)
         if self._tier_of is None:
             self._tier_of = assign_tiers(self.min_available_nodes, len(self.tiers), self.tier_assignment,
                                          self.device, self.seed)

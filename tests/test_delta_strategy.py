@@ -14,11 +14,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from clients.delta_trainer import delta, delta_evaluate
 from clients.trainer import TRAINER, ClientEnv
 from fl.delta.network import DeltaArch, FusedDelta, delta_params, tier_shapes
-from fl.delta.slices import (FROZEN_STATE, WIDTH, WITH_FROZEN, blocks_for, download_layout, is_frozen,
+from fl.delta.slices import (DELTA_TIER, FROZEN_STATE, WIDTH, WITH_FROZEN, blocks_for, download_layout, is_frozen,
                              is_trainable, upload_layout)
 from fl.directory import NodeDirectory
 from fl.errors import ConfigError
-from fl.keys import ARRAYS, CONFIG, DELTA_TIER, EPOCHS, LR, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fl.keys import ARRAYS, CONFIG, EPOCHS, LR, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fl.local_training import ClientData
 from fl.payload import get_codec, payload_bytes
 from fl.runlog import read_metrics
@@ -376,11 +376,12 @@ class _QueryGrid(_Grid):
 def test_a_tier_reported_by_a_device_overrides_the_assignment():
     grid = _QueryGrid({21: (0, 3), 22: (1, None), 23: (2, 0), 24: (3, None)})
     directory = NodeDirectory.discover(grid)
-    assert directory.node_of_partition == {0: 21, 1: 22, 2: 23, 3: 24} and directory.reported_tier == {0: 3, 2: 0}
+    assert directory.node_of_partition == {0: 21, 1: 22, 2: 23, 3: 24}
+    assert directory.reported == {0: {DELTA_TIER: 3}, 2: {DELTA_TIER: 0}}
     strategy = DeltaFactorized(fraction_train=1.0, min_train_nodes=1, min_available_nodes=4, build_model=_model)
     assigned = [strategy.tier_index(p) for p in range(4)]  # the run's own (seeded, equal) assignment
     strategy._directory = directory
     assert [strategy.tier_index(p) for p in range(4)] == [3, assigned[1], 0, assigned[3]]
-    strategy._directory = NodeDirectory({0: 21}, {0: 9})
+    strategy._directory = NodeDirectory({0: 21}, {0: {DELTA_TIER: 9}})
     with pytest.raises(ValueError, match="reported tier 9"):
         strategy.tier_index(0)

@@ -24,6 +24,7 @@ from fl.payload import Keep, full_keep
 
 # Config keys (server -> client)
 ARCH = "delta.arch"  # the full DELTA architecture (DeltaArch JSON)
+DELTA_TIER = "delta-tier"  # node config key of a deployed device's tier, and the number it reports with its partition
 WIDTH = "delta.width"  # the client's tier width
 WITH_FROZEN = "delta.with-frozen"  # the download carries E + the base classifier
 FROZEN_VERSION = "delta.frozen-version"  # which version of E + classifier the client must hold

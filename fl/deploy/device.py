@@ -40,7 +40,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fl.deploy.run_config import DEPLOY_DEFAULTS, compose, log, overrides_from
 from fl.errors import ConfigError
-from fl.keys import CONFIG, DELTA_TIER, METRICS, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
+from fl.delta.slices import DELTA_TIER
+from fl.keys import CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
 from fl.payload import payload_bytes
 from fl.specs import ClientSpec
 
