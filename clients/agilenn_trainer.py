@@ -30,19 +30,12 @@ from fl.local_training import batch_bounds, statistics_after, statistics_before
 from fl.payload import (decode_shared, decode_tensors, encode_features, encode_reply, encode_tensors, get_codec)
 from plugins.agilenn.losses import disorder_loss, disorder_rate, skewness, skewness_loss
 from plugins.agilenn.network import AgileNet
+from plugins.agilenn.protocol import (AGILE, ALPHA_W, CENTROID_PREFIX, COUNT_PREFIX, DONE, GRAD_ALPHA, GRAD_FEATURES,
+                                      GRAD_LOCAL, LABELS, LAMBDA, LAST, LOCAL, NAME, PHASE, PRETRAIN, PROBE, RHO,
+                                      SELECT, SPLIT, STEP)
 from plugins.agilenn.selection import topk_counts
 from plugins.agilenn.training import AgileHyper, AgileLoss, pretrain_loss, step_overhead, train_epochs
 
-NAME = "agilenn"
-PHASE, SELECT, RHO, LAMBDA, PROBE = "agilenn.phase", "agilenn.select", "agilenn.rho", "agilenn.lambda", "agilenn.probe"
-STEP, GRAD_VALUES = "agilenn.step", "agilenn.grad-values"
-PRETRAIN, AGILE, SPLIT = "pretrain", "agile", "split"
-COUNT_PREFIX, CENTROID_PREFIX = "agilenn.count.", "agilenn.centroid."
-LAST = "agilenn.last"  # reply metric of a split forward: 1 when this was the client's last batch
-DONE = "agilenn.done"  # reply metric of the final split upload
-# split-learning array names
-LOCAL, LABELS, ALPHA_W = "local", "labels", "alpha_w"
-GRAD_FEATURES, GRAD_LOCAL, GRAD_ALPHA = "grad.features", "grad.local", "grad.alpha_w"
 _STATE, _MOMENTUM, _RECEIVED = "agilenn.device", "agilenn.momentum", "agilenn.received"
 _BN = "agilenn.bn-statistics"  # split mode, train.bn_stats=global: the received weights' statistics
 

@@ -33,15 +33,15 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from clients.agilenn_trainer import (AGILE, ALPHA_W, CENTROID_PREFIX, COUNT_PREFIX, GRAD_ALPHA, GRAD_FEATURES,
-                                     GRAD_LOCAL, GRAD_VALUES, LABELS, LAST, LAMBDA, LOCAL, NAME, PHASE, PRETRAIN,
-                                     PROBE, RHO, SELECT, SPLIT, STEP)
 from clients.trainer import TRAINER
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CONFIG, LR, METRICS, MOMENTUM, WEIGHT_DECAY
 from fl.local_training import ClientData
 from fl.payload import State, decode_features, decode_tensors, encode_tensors
 from plugins.agilenn.network import AgileNet
+from plugins.agilenn.protocol import (AGILE, ALPHA_W, CENTROID_PREFIX, COUNT_PREFIX, GRAD_ALPHA, GRAD_FEATURES,
+                                    GRAD_LOCAL, GRAD_VALUES, LABELS, LAST, LAMBDA, LOCAL, NAME, PHASE, PRETRAIN,
+                                    PROBE, RHO, SELECT, SPLIT, STEP)
 from plugins.agilenn.selection import permute_channels, ranking
 from plugins.agilenn.training import measure, reference_accuracy, AgileHyper, AgileLoss
 from strategies.base import Update

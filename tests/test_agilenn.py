@@ -208,7 +208,7 @@ def test_byte_counts_equal_the_coded_payload():
 # -- split learning: the exchanged gradients give the joint gradient ------------------------------
 
 def test_split_exchange_gradients_equal_the_joint_agilenn_gradient():
-    from clients.agilenn_trainer import GRAD_ALPHA, GRAD_FEATURES, GRAD_LOCAL
+    from plugins.agilenn.protocol import GRAD_ALPHA, GRAD_FEATURES, GRAD_LOCAL
     from fl.payload import decode_tensors
     from strategies.agilenn import AgileNN
 
