@@ -1,0 +1,157 @@
+"""Vectorized clients: K clients' FedAvg ClientUpdate (``fl.local_training.train_dense``) as one
+computation.
+
+Every client starts from the same received weights, runs the same architecture and, when they hold
+the same number of samples, the same step schedule (E epochs of the same batch sizes). Their
+weights and SGD momentum buffers are stacked along a leading client axis and each step is one
+``torch.func.vmap`` of ``torch.func.grad_and_value`` of ``torch.func.functional_call``: K forward
+and backward passes as one batched one. The SGD update is PyTorch's own single-tensor SGD
+(``torch.optim.sgd._single_tensor_sgd``: weight decay added to the gradient, momentum buffer
+cloned on the first step, then ``buf * momentum + grad``, ``p - lr * buf``) written on the stacked
+tensors, so a client's weights equal the sequential trainer's up to the float reassociation of the
+batched kernels (``tests/test_vectorized.py``: max abs difference about 1e-7 of the weight scale).
+
+What is the same as the sequential trainer, and how:
+
+- minibatch order: each client's own ``torch.Generator`` draws one ``randperm`` per epoch, in the
+  same order as ``ClientData.batches`` draws it; a last batch smaller than ``smallest_batch`` joins
+  the one before it (``batch_bounds``);
+- unequal sample counts: clients are grouped by their step schedule (the list of batch sizes);
+  each group is one vmap, a group of one is still exact;
+- BatchNorm: the stacked running statistics are passed to ``functional_call`` as per-client
+  buffers, so ``ema`` updates each client's copy in place as PyTorch's layer does; ``global``
+  (statistics of the received weights on the client's data) and ``local`` (of the trained weights)
+  are the same no-grad passes as ``fl.local_training.statistics_before/after``, one client at a time;
+- randomness inside the model (Dropout draws from the global stream, in the sequential order of
+  the clients) cannot be reproduced per client in one vmap: such a model is refused
+  (``unsupported_reason``).
+
+Hand-written because no well-kept library trains independent FL clients as one vmap; torch.func is
+the real component.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, grad_and_value, vmap
+
+from fl.batchnorm import smallest_batch
+from fl.local_training import ClientData, TrainHyper, batch_bounds, statistics_after, statistics_before
+
+State = dict[str, Tensor]
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot train vectorized with results equal to the sequential trainer's, or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return (f"layer {name!r} ({type(module).__name__}) draws random numbers that vectorized clients "
+                    "cannot reproduce per client")
+    return None
+
+
+def schedule(n: int, hyper: TrainHyper, min_size: int) -> tuple[int, ...]:
+    """The batch sizes of one epoch of ``n`` samples (equal for every epoch)."""
+    return tuple(end - start for start, end in batch_bounds(n, hyper.batch_size, min_size))
+
+
+def groups(datas: Sequence[ClientData], hyper: TrainHyper, min_size: int) -> list[list[int]]:
+    """Indices of ``datas`` grouped by equal step schedule, in first-appearance order."""
+    by_schedule: dict[tuple[int, ...], list[int]] = {}
+    for k, data in enumerate(datas):
+        by_schedule.setdefault(schedule(len(data), hyper, min_size), []).append(k)
+    return list(by_schedule.values())
+
+
+def train_dense_vectorized(model: nn.Module, received: State, datas: Sequence[ClientData], hyper: TrainHyper,
+                           generators: Sequence[torch.Generator]) -> tuple[list[State], list[dict[str, float]]]:
+    """Train each client of ``datas`` (with its generator) from ``received`` as ``train_dense``
+    would; returns their state dicts (in ``model.state_dict()``'s key order) and metrics.
+    ``model`` is a scratch instance of the architecture: its weights are overwritten."""
+    if len(datas) != len(generators):
+        raise ValueError(f"{len(datas)} clients but {len(generators)} generators")
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(reason)
+    min_size = smallest_batch(model)
+    states: list[State | None] = [None] * len(datas)
+    metrics: list[dict[str, float] | None] = [None] * len(datas)
+    for members in groups(datas, hyper, min_size):
+        trained, measured = _train_group(model, received, [datas[k] for k in members], hyper,
+                                         [generators[k] for k in members], min_size)
+        for k, state, m in zip(members, trained, measured):
+            states[k], metrics[k] = state, m
+    return states, metrics  # type: ignore[return-value]
+
+
+def _train_group(model: nn.Module, received: State, datas: Sequence[ClientData], hyper: TrainHyper,
+                 generators: Sequence[torch.Generator], min_size: int) -> tuple[list[State], list[dict[str, float]]]:
+    k = len(datas)
+    befores = []  # bn_stats=global: the received weights' statistics on each client's data
+    for data in datas:
+        model.load_state_dict(received)
+        befores.append(statistics_before(model, data, hyper))
+    model.load_state_dict(received)
+    model.train()
+    param_names = [name for name, _ in model.named_parameters()]
+    params = {name: received[name].detach().unsqueeze(0).repeat(k, *[1] * received[name].dim())
+              for name in param_names}
+    buffers = {name: received[name].detach().unsqueeze(0).repeat(k, *[1] * received[name].dim()).contiguous()
+               for name, _ in model.named_buffers()}
+
+    def loss_of(p: State, b: State, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = functional_call(model, (p, b), (x,))
+        return F.cross_entropy(logits, y), logits
+
+    step = vmap(grad_and_value(loss_of, has_aux=True), in_dims=(0, 0, 0, 0))
+    momentum: State | None = None
+    loss_sum, correct, seen = [0.0] * k, [0] * k, [0] * k
+    n = len(datas[0])
+    bounds = batch_bounds(n, hyper.batch_size, min_size)
+    for _ in range(hyper.epochs):
+        orders = [data.indices[torch.randperm(n, generator=g).numpy()] for data, g in zip(datas, generators)]
+        for start, end in bounds:
+            batches = [data.images.get(order[start:end]) for data, order in zip(datas, orders)]
+            x = torch.stack([b[0] for b in batches])
+            y = torch.stack([b[1] for b in batches])
+            grads, (loss, logits) = step(params, buffers, x, y)
+            momentum = _sgd(params, grads, momentum, hyper)
+            for i, (value, hits) in enumerate(zip(loss.tolist(), (logits.argmax(-1) == y).sum(-1).tolist())):
+                loss_sum[i] += value * (end - start)
+                correct[i] += int(hits)
+                seen[i] += end - start
+    states, metrics = [], []
+    keys = list(model.state_dict().keys())
+    for i, data in enumerate(datas):
+        state = {name: (params[name][i] if name in params else buffers[name][i]).clone() for name in keys}
+        if hyper.bn_stats != "ema" and any(name in buffers for name in keys):
+            model.load_state_dict(state)
+            statistics_after(model, data, hyper, befores[i])
+            state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        states.append(state)
+        metrics.append({"train_loss": loss_sum[i] / max(seen[i], 1), "train_accuracy": correct[i] / max(seen[i], 1)})
+    return states, metrics
+
+
+@torch.no_grad()
+def _sgd(params: State, grads: State, momentum: State | None, hyper: TrainHyper) -> State | None:
+    """One step of PyTorch's single-tensor SGD (no Nesterov, no dampening) on stacked tensors."""
+    new_momentum: State = {}
+    for name, p in params.items():
+        g = grads[name]
+        if hyper.weight_decay != 0:
+            g = g.add(p, alpha=hyper.weight_decay)
+        if hyper.momentum != 0:
+            if momentum is None:
+                buf = torch.clone(g).detach()
+            else:
+                buf = momentum[name].mul_(hyper.momentum).add_(g)
+            new_momentum[name] = buf
+            g = buf
+        p.add_(g, alpha=-hyper.lr)
+    return new_momentum if hyper.momentum != 0 else None

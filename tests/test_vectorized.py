@@ -1,0 +1,120 @@
+"""Vectorized clients (fl/vectorized.py) equal the sequential trainer (fl/local_training.train_dense)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fl.local_training import ClientData, TrainHyper, train_dense
+from fl.vectorized import groups, train_dense_vectorized, unsupported_reason
+
+
+class _Images:
+    """An in-memory image set with the ImageSet ``get`` contract."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def get(self, idx):
+        idx = torch.as_tensor(np.asarray(idx))
+        return self.x[idx], self.y[idx]
+
+
+def _images(n=200, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return _Images(torch.randn(n, 3, 8, 8, generator=g) * 2 + 0.5, torch.randint(0, classes, (n,), generator=g))
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 3))
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+# client sizes: equal ones share a vmap; 33 in batches of 16 ends on one sample (joins the one
+# before it under BatchNorm), 7 is a single short batch
+SIZES = (40, 40, 33, 40, 7, 33)
+
+
+def _clients(sizes=SIZES):
+    images = _images()
+    order = np.random.default_rng(1).permutation(len(images.x))
+    clients, start = [], 0
+    for n in sizes:
+        clients.append(ClientData(images, order[start:start + n]))
+        start += n
+    return clients
+
+
+def _generators(n, round_=3):
+    return [torch.Generator().manual_seed(1000 * round_ + k) for k in range(n)]
+
+
+def _both_ways(make, hyper, sizes=SIZES):
+    model = make()
+    received = {k: v.clone() for k, v in model.state_dict().items()}
+    clients = _clients(sizes)
+    sequential = []
+    for data, g in zip(clients, _generators(len(clients))):
+        model.load_state_dict(received)
+        metrics = train_dense(model, data, hyper, g)
+        sequential.append(({k: v.clone() for k, v in model.state_dict().items()}, metrics))
+    states, metrics = train_dense_vectorized(copy.deepcopy(make()), received, clients, hyper, _generators(len(clients)))
+    return sequential, list(zip(states, metrics))
+
+
+def _max_relative_difference(sequential, vectorized):
+    worst = 0.0
+    for (s_state, s_metrics), (v_state, v_metrics) in zip(sequential, vectorized):
+        assert list(s_state) == list(v_state)
+        for name, expected in s_state.items():
+            got = v_state[name]
+            assert got.dtype == expected.dtype and got.shape == expected.shape, name
+            if not expected.is_floating_point():
+                assert torch.equal(got, expected), name
+                continue
+            scale = max(float(expected.abs().max()), 1.0)
+            worst = max(worst, float((got - expected).abs().max()) / scale)
+        assert s_metrics.keys() == v_metrics.keys()
+        assert v_metrics["train_accuracy"] == s_metrics["train_accuracy"]
+        assert v_metrics["train_loss"] == pytest.approx(s_metrics["train_loss"], rel=1e-5, abs=1e-6)
+    return worst
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.0, 0.0)])
+def test_vectorized_equals_sequential_without_batchnorm(momentum, weight_decay):
+    hyper = TrainHyper(epochs=2, batch_size=16, lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    worst = _max_relative_difference(*_both_ways(_cnn, hyper))
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("bn_stats", ["global", "local", "ema"])
+def test_vectorized_equals_sequential_with_batchnorm(bn_stats):
+    hyper = TrainHyper(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4, bn_stats=bn_stats)
+    worst = _max_relative_difference(*_both_ways(_bn_net, hyper))
+    assert worst <= 1e-5, worst
+
+
+def test_clients_are_grouped_by_step_schedule():
+    hyper = TrainHyper(batch_size=16)
+    clients = _clients()
+    assert groups(clients, hyper, min_size=1) == [[0, 1, 3], [2, 5], [4]]
+    # under BatchNorm 33 samples are batches (16, 17): still their own group
+    assert groups(clients, hyper, min_size=2) == [[0, 1, 3], [2, 5], [4]]
+
+
+def test_dropout_is_refused_with_a_reason():
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(192, 3))
+    assert "Dropout" in unsupported_reason(model)
+    with pytest.raises(ValueError, match="Dropout"):
+        train_dense_vectorized(model, model.state_dict(), _clients((8,)), TrainHyper(), _generators(1))
+    assert unsupported_reason(_cnn()) is None
