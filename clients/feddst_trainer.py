@@ -37,7 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from clients.trainer import ClientEnv, hyper_from, register_trainer
 from fl.batchnorm import smallest_batch
 from fl.keys import CODEC, UP_CODEC
-from fl.local_training import ClientData, TrainHyper, statistics_after, statistics_before
+from fl.local_training import ClientData, TrainHyper, local_sgd, statistics_after, statistics_before
 from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap
 
 # Message keys of the FedDST protocol (the strategy imports them from here).
@@ -106,8 +106,7 @@ def train_masked(model: nn.Module, data: ClientData, hyper: TrainHyper, generato
     batches_in_last_epoch = 0
     before = statistics_before(model, data, hyper)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
-                                weight_decay=hyper.weight_decay)
+    optimizer = local_sgd(model, hyper)
     loss_sum, correct, seen = 0.0, 0, 0
     for epoch in range(hyper.epochs):
         last = epoch == hyper.epochs - 1

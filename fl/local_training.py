@@ -87,12 +87,17 @@ def _recompute_on(model: nn.Module, data: ClientData, hyper: TrainHyper,
     return recompute_batchnorm(model, data.batches(hyper.batch_size, None, smallest_batch(model)), forward)
 
 
+def local_sgd(model: nn.Module, hyper: TrainHyper) -> torch.optim.SGD:
+    """The client's optimizer: plain SGD with the message's learning rate, momentum and weight
+    decay, new every round (momentum does not carry over between rounds)."""
+    return torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum, weight_decay=hyper.weight_decay)
+
+
 def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator: torch.Generator) -> dict[str, float]:
     """Local SGD in place on ``model``; returns the mean training loss and accuracy."""
     before = statistics_before(model, data, hyper)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
-                                weight_decay=hyper.weight_decay)
+    optimizer = local_sgd(model, hyper)
     loss_sum, correct, seen = 0.0, 0, 0
     for _ in range(hyper.epochs):
         for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model)):
