@@ -5,6 +5,7 @@ failure name the piece that broke."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -171,10 +172,12 @@ def test_the_base_plugin_does_nothing_and_passes_the_payload_through():
         ("after_train", (None, None, {}))])
 
 
-def test_progress_counts_on_from_the_rounds_already_done():
-    progress = Progress(rounds=3, done=1, enabled=True)
+def test_progress_counts_on_from_the_rounds_already_done_with_seconds_per_round_and_time_left():
+    progress = Progress(rounds=4, done=1, enabled=True)
     progress.advance(2**20, 0.5)
     assert progress.bar.n == 2 and progress.bar.postfix == "up_MiB=1.0, acc=0.500"
+    # elapsed<time left, then the rate: s/round (round/s only for rounds shorter than a second)
+    assert re.search(r"\[00:00<00:0\d, +\d+\.\d+(s/round|round/s)", str(progress.bar)), str(progress.bar)
     progress.close()
 
 
