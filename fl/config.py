@@ -49,7 +49,7 @@ SECTION_KEYS = {
     "faults": ("crash", "hang", "late", "nan", "hostile", "hostile_kind", "hang_seconds", "late_seconds"),
     "robust": ("max_weight_ratio", "max_norm_ratio"),
     "ray": ("address", "num_cpus_per_client", "num_gpus_per_client"),
-    "engine": ("name", "workers", "torch_threads"),
+    "engine": ("name", "workers", "torch_threads", "batch_clients"),
     "device": ("profiles", "deadline_s"),
 }
 
@@ -90,6 +90,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
     ray_cfg = c.get("ray") or {}
     engine = EngineSpec(name=engine_name, workers=_int(e, "workers", minimum=1, prefix="engine."),
                         torch_threads=_int(e, "torch_threads", minimum=1, prefix="engine."),
+                        batch_clients=_batch_clients(e, engine_name),
                         ray_address=_address(ray_cfg, check=engine_name == "ray"),
                         ray_cpus_per_client=_float(ray_cfg, "num_cpus_per_client", minimum=0.0, exclusive=True,
                                                    prefix="ray.", default=1.0),
@@ -289,6 +290,17 @@ def _number(c: Mapping[str, Any], key: str, kind: type, prefix: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
         raise ConfigError(prefix + key, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     return kind(value)
+
+
+def _batch_clients(e: Mapping[str, Any], engine_name: str) -> int:
+    """``engine.batch_clients``: 0 (off, also when absent) or the most clients trained as one vmap."""
+    if "batch_clients" not in e:
+        return 0
+    value = _int(e, "batch_clients", minimum=0, prefix="engine.")
+    if value > 0 and engine_name != "inprocess":
+        raise ConfigError("engine.batch_clients", f"vectorized clients run on engine=inprocess only, not {engine_name}; "
+                          "set engine.batch_clients=0 or engine=inprocess")
+    return value
 
 
 def _int(c: Mapping[str, Any], key: str, *, minimum: int, prefix: str = "") -> int:

@@ -15,11 +15,14 @@ import torch
 from flwr.app import Context, RecordDict
 
 from clients.app import build_client_app, first_train_time
+from clients.batched import DenseBatching
 from fl.checkpoint import Checkpoint
 from fl.engine.inprocess import InProcessGrid
+from fl.errors import ConfigError
 from fl.faults import FaultSpec, fault_mod
 from fl.results import write_results
 from fl.server import RunOutcome, ServerSpec, StopRequest, build_server_app, finish_only, run_server
+from fl.vectorized import unsupported_reason
 
 
 @dataclass(frozen=True)
@@ -27,10 +30,23 @@ class EngineSpec:
     name: str = "inprocess"  # inprocess | ray
     workers: int = 2  # inprocess: worker threads
     torch_threads: int = 1  # inprocess: torch intra-op threads while clients train
+    batch_clients: int = 0  # inprocess: train up to this many dense clients as one vmap (fl/vectorized.py); 0 = off
     ray_address: str | None = None  # ray: an existing cluster ("auto" or host:port); None = local
     ray_cpus_per_client: float = 1.0
     ray_gpus_per_client: float = 0.0  # ray: the GPU share Flower reserves per client (0: CPU clients)
     verbose: bool = False
+
+
+def client_batching(spec: ServerSpec, engine: EngineSpec, faults: FaultSpec | None) -> DenseBatching | None:
+    """The in-process engine's vectorized dense clients (``engine.batch_clients``), or None when off
+    or when the run has plugins or faults (whose client hooks and mods see one message at a time)."""
+    if engine.batch_clients <= 1 or spec.client.plugins or (faults is not None and faults.active):
+        return None
+    fed = spec.client.data.federation()
+    reason = unsupported_reason(spec.client.model.build_for(fed))
+    if reason is not None:
+        raise ConfigError("engine.batch_clients", f"model {spec.client.model.name}: {reason}; set engine.batch_clients=0")
+    return DenseBatching(spec.client, engine.batch_clients)
 
 
 def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None = None,
@@ -52,7 +68,8 @@ def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None =
     if engine.name == "inprocess":
         before = torch.get_num_threads()
         torch.set_num_threads(engine.torch_threads)
-        grid = InProcessGrid(client_app, num_nodes, workers=engine.workers)
+        grid = InProcessGrid(client_app, num_nodes, workers=engine.workers,
+                             batch=client_batching(spec, engine, faults))
         try:
             server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
         finally:

@@ -118,3 +118,69 @@ def test_dropout_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="Dropout"):
         train_dense_vectorized(model, model.state_dict(), _clients((8,)), TrainHyper(), _generators(1))
     assert unsupported_reason(_cnn()) is None
+
+
+# -- the in-process engine with engine.batch_clients ------------------------------------------------
+
+def _rows_close(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key, va in ra.items():
+            if key == "wall_s" or "seconds" in key:
+                continue
+            if "bytes" in key or not isinstance(va, float):
+                assert va == rb[key], key  # byte accounting and counts: identical
+            else:
+                assert va == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
+
+
+def test_engine_batch_clients_gives_the_sequential_run(tmp_path, monkeypatch):
+    import clients.batched
+    from fl.runlog import read_metrics
+    from tests.helpers import run_inprocess
+
+    calls = []
+    batched_call = clients.batched.DenseBatching.__call__
+
+    def counted(self, work):
+        replies = batched_call(self, work)
+        calls.append(len(work))
+        return replies
+
+    monkeypatch.setattr(clients.batched.DenseBatching, "__call__", counted)
+
+    overrides = ["seed=3", "rounds=2", "train.momentum=0.9", "num_clients=8", "fraction_fit=0.5"]
+    _, seq_dir = run_inprocess(tmp_path / "seq", overrides)
+    _, vec_dir = run_inprocess(tmp_path / "vec", overrides + ["engine.batch_clients=3"])
+    a, b = torch.load(seq_dir / "final_model.pt"), torch.load(vec_dir / "final_model.pt")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) / max(float(a[k].abs().max()), 1.0) for k in a if a[k].is_floating_point())
+    assert worst <= 1e-5, worst
+    _rows_close(read_metrics(seq_dir), read_metrics(vec_dir))
+    assert sorted(calls) == [1, 1, 3, 3]  # 4 clients a round in chunks of at most 3 (on 2 threads), none fell back
+
+
+@pytest.mark.parametrize("value,message", [
+    (-1, "engine.batch_clients: must be >= 0, got -1"),
+    (2.5, "engine.batch_clients: must be an integer, got 2.5"),
+    ("'many'", "engine.batch_clients: must be an integer, got 'many'"),
+])
+def test_bad_batch_clients_is_one_line(tmp_path, value, message):
+    from fl.config import build
+    from fl.errors import ConfigError
+    from tests.helpers import compose_config
+
+    cfg = compose_config([f"engine.batch_clients={value}"])
+    with pytest.raises(ConfigError) as err:
+        build(cfg, str(tmp_path))
+    assert str(err.value) == message
+
+
+def test_batch_clients_on_ray_is_refused(tmp_path):
+    from fl.config import build
+    from fl.errors import ConfigError
+    from tests.helpers import compose_config
+
+    with pytest.raises(ConfigError, match=r"^engine.batch_clients: vectorized clients run on engine=inprocess only"):
+        build(compose_config(["engine=ray", "engine.batch_clients=4"]), str(tmp_path))

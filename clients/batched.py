@@ -1,0 +1,76 @@
+"""Vectorized ``dense`` clients for the in-process engine (``engine.batch_clients=K``).
+
+``DenseBatching`` answers a list of train messages of the ``dense`` trainer with the replies the
+ClientApp's train handler would send (``clients.app``): the same environment per node (its
+partition's data, ``Context.state``, the generator seeded from run seed, round and partition),
+the same received weights (``fl.payload.decode_shared``), training by
+``fl.vectorized.train_dense_vectorized`` instead of ``train_dense`` one client at a time, the same
+reply encoding (``encode_reply`` with the message's up codec and the node's state) and the same
+metric keys (``train_loss``, ``train_accuracy``, ``train_seconds``, ``num-examples``). Messages
+that share the received record, codecs and hyper-parameters train as one call; ``train_seconds``
+is each client's share of that call. Runs with plugins are not batched (their client hooks see one
+model at a time): ``batchable`` says no and the engine delivers those messages one by one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+
+from clients import app as client_app
+from clients.trainer import TRAINER, ClientEnv, hyper_from
+from fl.keys import ARRAYS, CODEC, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND, UP_CODEC
+from fl.local_training import ClientData
+from fl.payload import decode_shared, encode_reply, get_codec
+from fl.sampling import seed_for
+from fl.specs import ClientSpec
+from fl.vectorized import train_dense_vectorized
+
+
+class DenseBatching:
+    """The in-process engine's batch handler for ``spec``'s clients, at most ``size`` per call."""
+
+    def __init__(self, spec: ClientSpec, size: int):
+        self.spec = spec
+        self.size = size
+
+    def batchable(self, message: Message) -> bool:
+        return (not self.spec.plugins and message.metadata.message_type == MessageType.TRAIN
+                and str(message.content[CONFIG].get(TRAINER, "dense")) == "dense")
+
+    def __call__(self, work: list[tuple[Message, Context]]) -> list[Message]:
+        envs = [self._environment(msg, context) for msg, context in work]
+        calls: dict[tuple, list[int]] = {}
+        for i, (msg, _) in enumerate(work):
+            config = msg.content[CONFIG]
+            key = (id(msg.content[ARRAYS]), str(config.get(CODEC, "dense_fp32")),
+                   str(config.get(UP_CODEC, "dense_fp32")), hyper_from(config))
+            calls.setdefault(key, []).append(i)
+        replies: list[Message | None] = [None] * len(work)
+        for (_, down, up, hyper), members in calls.items():
+            first = work[members[0]][0]
+            with envs[members[0]].model() as model:
+                received = decode_shared(get_codec(down), first.content[ARRAYS], model.state_dict())
+                if not client_app._first_train_at:
+                    client_app._first_train_at.append(time.time())
+                started = time.perf_counter()
+                states, metrics = train_dense_vectorized(model, received, [envs[i].data for i in members], hyper,
+                                                         [envs[i].generator for i in members])
+                seconds = (time.perf_counter() - started) / len(members)
+            for i, state, m in zip(members, states, metrics):
+                record = encode_reply(get_codec(up), state, received, envs[i].state)
+                m["train_seconds"] = seconds
+                m.setdefault(NUM_EXAMPLES, len(envs[i].data))
+                replies[i] = Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(m)}), reply_to=work[i][0])
+        return replies  # type: ignore[return-value]
+
+    def _environment(self, msg: Message, context: Context) -> ClientEnv:
+        partition = int(context.node_config[PARTITION_ID])
+        federation = self.spec.data.federation()
+        server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))
+        return ClientEnv(spec=self.spec, federation=federation,
+                         data=ClientData(federation.train, federation.client_indices[partition]),
+                         partition_id=partition, server_round=server_round, state=context.state,
+                         generator=torch.Generator().manual_seed(seed_for(self.spec.seed, server_round, partition)))
