@@ -18,6 +18,10 @@ at a time), ImageFolder by torchvision.datasets.ImageFolder.
   data and a held-out test set of `test_fraction`;
 - `auto`: `standard` when the training files are present, else `test_only` when the test files
   are (with a notice), else an error that says how to get the files.
+
+`classes` keeps a subset of the classes (e.g. `data.classes=[0,1,...,9]`: ten of CIFAR-100's fine
+labels, `sim=delta_paper`): only their images, train and test, with labels remapped to 0..n-1 in
+the order given (so `[7, 3]` makes class 7 label 0).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -166,10 +170,40 @@ def _present(path: Path) -> bool:
 # --- the dataset factory ---------------------------------------------------------------------------
 
 
+def check_classes(classes: Any, num_classes: int, key: str = "data.classes") -> tuple[int, ...] | None:
+    """`classes` as a tuple of distinct class indices in [0, num_classes) (None: every class)."""
+    if classes is None:
+        return None
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence) or not classes:
+        raise ConfigError(key, f"must be a non-empty list of class indices in [0, {num_classes}), got {classes!r}")
+    out = []
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            raise ConfigError(key, f"must be a list of class indices in [0, {num_classes}), got {c!r} in {list(classes)}")
+        if not 0 <= c < num_classes:
+            raise ConfigError(key, f"class index {c} is out of range; this dataset has classes 0..{num_classes - 1}")
+        out.append(int(c))
+    repeated = sorted({c for c in out if out.count(c) > 1})
+    if repeated:
+        raise ConfigError(key, f"names class {repeated[0]} more than once; give each class once")
+    return tuple(out)
+
+
+def select_classes(images: np.ndarray, labels: np.ndarray, classes: Sequence[int]) -> Arrays:
+    """The images of `classes` only, labels remapped to their position in `classes`."""
+    remap = np.full(int(labels.max(initial=max(classes))) + 1, -1, dtype=np.int64)
+    remap[np.asarray(classes, dtype=np.int64)] = np.arange(len(classes))
+    new = remap[labels]
+    keep = np.flatnonzero(new >= 0)
+    return images[keep], new[keep]
+
+
 def load_torchvision(name: str, *, seed: int, root: str | None = None, split: str = "auto",
-                     test_fraction: float = 0.2, download: bool = False) -> tuple[ImageSet, ImageSet]:
+                     test_fraction: float = 0.2, download: bool = False,
+                     classes: Sequence[int] | None = None) -> tuple[ImageSet, ImageSet]:
     """(train, test) image sets of a torchvision dataset, following `split` (see module docstring)."""
     source = SOURCES[name]
+    subset = check_classes(classes, source.num_classes)
     if split not in SPLITS:
         raise ConfigError("data.split", f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     if not 0.0 < test_fraction < 1.0:
@@ -205,11 +239,18 @@ def load_torchvision(name: str, *, seed: int, root: str | None = None, split: st
     if mode == "standard":
         train_x, train_y = source.read(folder, True)
         test_x, test_y = source.read(folder, False)
+        if subset is not None:
+            (train_x, train_y), (test_x, test_y) = (select_classes(train_x, train_y, subset),
+                                                    select_classes(test_x, test_y, subset))
     else:
         images, labels = source.read(folder, False)
+        if subset is not None:
+            images, labels = select_classes(images, labels, subset)
         kept, held = stratified_split(labels, test_fraction, np.random.default_rng([seed, _SPLIT_TAG]))
         train_x, train_y, test_x, test_y = images[kept], labels[kept], images[held], labels[held]
-    return _image_sets(name, source.num_classes, train_x, train_y, test_x, test_y)
+    if subset is None:
+        return _image_sets(name, source.num_classes, train_x, train_y, test_x, test_y)
+    return _image_sets(f"{name}[{len(subset)} classes]", len(subset), train_x, train_y, test_x, test_y)
 
 
 def _image_sets(name, num_classes, train_x, train_y, test_x, test_y) -> tuple[ImageSet, ImageSet]:
@@ -223,9 +264,10 @@ def _image_sets(name, num_classes, train_x, train_y, test_x, test_y) -> tuple[Im
 def _register(name: str) -> None:
     @DATASETS.register(name)
     def factory(*, num_clients: int, seed: int, root: str | None = None, split: str = "auto",
-                test_fraction: float = 0.2, download: bool = False) -> tuple[ImageSet, ImageSet]:
+                test_fraction: float = 0.2, download: bool = False,
+                classes: Sequence[int] | None = None) -> tuple[ImageSet, ImageSet]:
         return load_torchvision(name, seed=seed, root=root, split=split, test_fraction=test_fraction,
-                                download=download)
+                                download=download, classes=classes)
 
     factory.__name__ = name
     factory.__doc__ = f"{name} from torchvision-layout files under data.root (see fl.data.torchvision_sets)."
