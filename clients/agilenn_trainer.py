@@ -19,11 +19,14 @@ plain steps of the same network on a copy of the model (``step_overhead``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from clients.trainer import ClientEnv, hyper_from, register_trainer
+from clients.trainer import ClientEnv, Session, hyper_from, register_trainer
 from fl.batchnorm import smallest_batch
 from fl.keys import CODEC, UP_CODEC
 from fl.local_training import batch_bounds, statistics_after, statistics_before
@@ -45,24 +48,28 @@ def agile_hyper(config: ConfigRecord) -> AgileHyper:
 
 
 @register_trainer(NAME)
-def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[ArrayRecord, dict[str, float]]:
+@contextmanager
+def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator[Session]:
     phase = str(config.get(PHASE, AGILE))
     if phase == SPLIT:
-        return split_exchange(arrays, config, env)
+        with split_exchange(arrays, config, env) as session:
+            yield session
+        return
     with env.model() as model:
         received = decode_shared(get_codec(str(config.get(CODEC, "dense_fp32"))), arrays, model.state_dict())
         model.load_state_dict(received)
         hyper = hyper_from(config)
-        env.before_train(model, config)
-        if phase == PRETRAIN:
-            model.freeze_reference(False)
-            before = statistics_before(model, env.data, hyper, model.reference_logits)  # extractor and reference
-            metrics = train_epochs(model, env.data, hyper, env.generator, pretrain_loss)
-            statistics_after(model, env.data, hyper, before, model.reference_logits)
-            model.freeze_reference(True)
-            if bool(config.get(SELECT, False)):
-                metrics.update(selection_statistics(model, env))
-        else:
+
+        def train() -> dict[str, float]:
+            if phase == PRETRAIN:
+                model.freeze_reference(False)
+                before = statistics_before(model, env.data, hyper, model.reference_logits)  # extractor and reference
+                metrics = train_epochs(model, env.data, hyper, env.generator, pretrain_loss)
+                statistics_after(model, env.data, hyper, before, model.reference_logits)
+                model.freeze_reference(True)
+                if bool(config.get(SELECT, False)):
+                    metrics.update(selection_statistics(model, env))
+                return metrics
             model.freeze_reference(True)
             agile = AgileLoss(agile_hyper(config), env.federation.num_classes)
             probe = int(config.get(PROBE, 0))
@@ -74,9 +81,10 @@ def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[
             statistics_after(model, env.data, hyper, before)
             if probe > 0:
                 metrics.update(overhead)
-        metrics.update(env.after_train(model, metrics))
+            return metrics
+
         up = get_codec(str(config.get(UP_CODEC, "dense_fp32")))
-        return encode_reply(up, model.state_dict(), received, env.state), metrics
+        yield Session(model, train, reply=lambda: encode_reply(up, model.state_dict(), received, env.state))
 
 
 def selection_statistics(model: AgileNet, env: ClientEnv, batch_size: int = 256) -> dict[str, float]:
@@ -111,7 +119,10 @@ def split_batches(env: ClientEnv, batch_size: int, epochs: int, min_size: int) -
     return out
 
 
-def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[ArrayRecord, dict[str, float]]:
+@contextmanager
+def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator[Session]:
+    """One exchange of the round's split learning: it starts the round's local training at step 0
+    and ends it with the upload after the last batch (``Session.starts``/``ends``)."""
     step = int(config[STEP])
     hyper = hyper_from(config)
     with env.model() as model:
@@ -122,7 +133,6 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
         trainable = [n for n in names if n in params and params[n].requires_grad]
         optimizer = torch.optim.SGD([params[n] for n in trainable], lr=hyper.lr, momentum=hyper.momentum,
                                     weight_decay=hyper.weight_decay)
-        metrics: dict[str, float] = {}
         if step == 0:
             reference = {n: t for n, t in model.state_dict().items() if n in names}
             received = get_codec(str(config.get(CODEC, "dense_fp32"))).decode(arrays, reference)
@@ -131,7 +141,6 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
             before = statistics_before(model, env.data, hyper, model.local_logits)
             if before:
                 env.state[_BN] = ArrayRecord({k: v.contiguous() for k, v in before.items()})
-            env.before_train(model, config)
         else:
             model.load_state_dict(env.state[_STATE].to_torch_state_dict(), strict=False)
             if hyper.momentum > 0 and _MOMENTUM in env.state:
@@ -139,29 +148,35 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
                 for n in trainable:
                     if n in buffers:
                         optimizer.state[params[n]]["momentum_buffer"] = buffers[n]
-            metrics = apply_server_gradients(model, optimizer, batches[step - 1], arrays, config, env)
-        if step < len(batches):  # send the next batch's remote features
-            record = forward_batch(model, batches[step], env)
-            metrics[LAST] = float(step == len(batches) - 1)
-        else:  # all batches done: upload the device part for FedAvg
-            before = env.state[_BN].to_torch_state_dict() if _BN in env.state else None
-            statistics_after(model, env.data, hyper, before, model.local_logits)
+        last = step >= len(batches)  # all batches done: this exchange uploads the device part for FedAvg
+        forwarded: list[ArrayRecord] = []
+
+        def train() -> dict[str, float]:
+            metrics = {} if step == 0 else apply_server_gradients(model, optimizer, batches[step - 1], arrays, config, env)
+            if last:
+                before = env.state[_BN].to_torch_state_dict() if _BN in env.state else None
+                statistics_after(model, env.data, hyper, before, model.local_logits)
+                return {**metrics, DONE: 1.0}
+            forwarded.append(forward_batch(model, batches[step], env))  # the next batch's remote features
+            env.state[_STATE] = ArrayRecord({n: t.detach().clone().contiguous() for n, t in model.state_dict().items()
+                                             if n in names})
+            momentum = {n: optimizer.state[params[n]]["momentum_buffer"] for n in trainable
+                        if optimizer.state.get(params[n], {}).get("momentum_buffer") is not None}
+            if momentum:
+                env.state[_MOMENTUM] = ArrayRecord({n: b.contiguous() for n, b in momentum.items()})
+            return {**metrics, LAST: float(step == len(batches) - 1), "num-examples": len(batches[step])}
+
+        def reply() -> ArrayRecord:
+            if not last:
+                return forwarded[0]
             device = {n: t for n, t in model.state_dict().items() if n in names}
             received = env.state[_RECEIVED].to_torch_state_dict()
             record = encode_reply(get_codec(str(config.get(UP_CODEC, "dense_fp32"))), device, received, env.state)
-            metrics[DONE] = 1.0
-            metrics.update(env.after_train(model, metrics))
             for key in (_STATE, _MOMENTUM, _RECEIVED, _BN):
                 env.state.pop(key, None)
-            return record, metrics
-        env.state[_STATE] = ArrayRecord({n: t.detach().clone().contiguous() for n, t in model.state_dict().items()
-                                         if n in names})
-        momentum = {n: optimizer.state[params[n]]["momentum_buffer"] for n in trainable
-                    if optimizer.state.get(params[n], {}).get("momentum_buffer") is not None}
-        if momentum:
-            env.state[_MOMENTUM] = ArrayRecord({n: b.contiguous() for n, b in momentum.items()})
-        metrics["num-examples"] = len(batches[step])
-        return record, metrics
+            return record
+
+        yield Session(model, train, reply, starts=step == 0, ends=last)
 
 
 def forward_batch(model: AgileNet, indices: np.ndarray, env: ClientEnv) -> ArrayRecord:

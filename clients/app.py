@@ -21,7 +21,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.trainer import TRAINER, TRAINERS, ClientEnv, evaluator_for
+from clients.trainer import TRAINER, TRAINERS, ClientEnv, evaluator_for, run_trainer
 from fl.keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
 from fl.local_training import ClientData
 from fl.sampling import seed_for
@@ -64,7 +64,7 @@ def build_client_app(spec: ClientSpec | None = None, mods: list | None = None) -
         if not _first_train_at:
             _first_train_at.append(time.time())
         started = time.perf_counter()
-        record, metrics = trainer(msg.content[ARRAYS], config, env)
+        record, metrics = run_trainer(trainer, msg.content[ARRAYS], config, env)
         metrics["train_seconds"] = time.perf_counter() - started
         for plugin in env.plugins:
             record = plugin.on_payload(env.view, record)

@@ -17,14 +17,16 @@ The evaluator scores the received width-w_k fused model on the client's held-out
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.resident import borrowed_model
-from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer, slice_codec_from
+from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer, slice_codec_from
 from fl.delta.network import DeltaArch, FusedDelta, fnc_loss, fuse, group_lasso
 from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE,
                              VAL_FRACTION, WIDTH, WITH_FROZEN, download_layout, is_frozen, same_keep,
@@ -55,23 +57,27 @@ class DeltaClientSettings:
 
 
 @register_trainer(NAME)
-def delta(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[ArrayRecord, dict[str, float]]:
+@contextmanager
+def delta(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator[Session]:
     s = DeltaClientSettings.from_config(config)
     full = template_state(s.arch_json)
     with tier_model(s) as model:
         # 1-2. the width-w fused model with E and the classifier this node holds
         model.load_state_dict(receive(arrays, config, env, s, full))
-        # 3. local training, E (unless an edge round) and the base classifier frozen
         train_data, _ = env.local_splits(s.val_fraction)
-        env.before_train(model, config)
-        metrics = train_fused(model, train_data, config, s, env.generator)
-        metrics.update({TIER_WIDTH: s.width, NUM_EXAMPLES: len(train_data)})
-        metrics.update(env.after_train(model, metrics))
-        # 4. upload the width-w blocks (+ E on edge rounds)
-        reference, keep = upload_layout(full, s.arch_json, s.width, s.train_edge)
-        state = model.state_dict()
-        blocks = {name: state[name] for name in reference}
-        return slice_codec_from(config, UP_CODEC, NAME).encode_slices(blocks, keep), metrics
+
+        def train() -> dict[str, float]:
+            # 3. local training, E (unless an edge round) and the base classifier frozen
+            metrics = train_fused(model, train_data, config, s, env.generator)
+            return {**metrics, TIER_WIDTH: s.width, NUM_EXAMPLES: len(train_data)}
+
+        def reply() -> ArrayRecord:
+            # 4. upload the width-w blocks (+ E on edge rounds)
+            reference, keep = upload_layout(full, s.arch_json, s.width, s.train_edge)
+            state = model.state_dict()
+            return slice_codec_from(config, UP_CODEC, NAME).encode_slices({name: state[name] for name in reference}, keep)
+
+        yield Session(model, train, reply)
 
 
 @register_evaluator(NAME)

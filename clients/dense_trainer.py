@@ -3,24 +3,26 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from flwr.app import ArrayRecord, ConfigRecord
 
-from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer
+from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer
 from fl.keys import CODEC, UP_CODEC
 from fl.local_training import evaluate, train_dense
 from fl.payload import decode_shared, encode_reply, get_codec
 
 
 @register_trainer("dense")
-def dense(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[ArrayRecord, dict[str, float]]:
+@contextmanager
+def dense(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator[Session]:
     with env.model() as model:
         received = decode_shared(get_codec(str(config.get(CODEC, "dense_fp32"))), arrays, model.state_dict())
         model.load_state_dict(received)
-        env.before_train(model, config)
-        metrics = train_dense(model, env.data, hyper_from(config), env.generator)
-        metrics.update(env.after_train(model, metrics))
         up = get_codec(str(config.get(UP_CODEC, "dense_fp32")))
-        return encode_reply(up, model.state_dict(), received, env.state), metrics
+        yield Session(model, train=lambda: train_dense(model, env.data, hyper_from(config), env.generator),
+                      reply=lambda: encode_reply(up, model.state_dict(), received, env.state))
 
 
 @register_evaluator("dense")

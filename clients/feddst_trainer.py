@@ -26,7 +26,8 @@ over the whole last epoch, at no extra cost (autograd computes the dense weight 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from clients.trainer import ClientEnv, hyper_from, register_trainer
+from clients.trainer import ClientEnv, Session, hyper_from, register_trainer
 from fl.batchnorm import smallest_batch
 from fl.keys import CODEC, UP_CODEC
 from fl.local_training import ClientData, TrainHyper, local_sgd, statistics_after, statistics_before
@@ -52,7 +53,8 @@ _HELD_META = "feddst.meta"  # ConfigRecord: {MASK_VERSION: its version}
 
 
 @register_trainer(MASKED)
-def masked(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[ArrayRecord, dict[str, float]]:
+@contextmanager
+def masked(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator[Session]:
     down = _bitmap_codec(config, CODEC)
     up = _bitmap_codec(config, UP_CODEC)
     version = int(config[MASK_VERSION])
@@ -66,21 +68,22 @@ def masked(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[A
         else:
             state, masks = down.decode_masked(arrays, reference, held_mask(env.state, reference, version))
         model.load_state_dict(state)
-        env.before_train(model, config)
-        # -- train under the mask -----------------------------------------------------------
-        metrics, gradient = train_masked(model, env.data, hyper_from(config), env.generator, masks,
-                                         dense_gradient=alpha > 0)
-        # -- readjust -----------------------------------------------------------------------
-        hamming = 0
-        if alpha > 0:
-            new_masks = readjust_masks(model, masks, gradient, alpha)
-            hamming = sum(int((new_masks[name] ^ masks[name]).sum()) for name in masks)
-            masks = new_masks
-        metrics.update(env.after_train(model, metrics))
-        metrics[MASK_VERSION] = version
-        metrics[MASK_HAMMING] = hamming
-        # -- upload -------------------------------------------------------------------------
-        return up.encode_masked(model.state_dict(), masks, with_bitmap=alpha > 0), metrics
+        uploaded = dict(masks)
+
+        def train() -> dict[str, float]:
+            # -- train under the mask -------------------------------------------------------
+            metrics, gradient = train_masked(model, env.data, hyper_from(config), env.generator, masks,
+                                             dense_gradient=alpha > 0)
+            # -- readjust -------------------------------------------------------------------
+            hamming = 0
+            if alpha > 0:
+                new_masks = readjust_masks(model, masks, gradient, alpha)
+                hamming = sum(int((new_masks[name] ^ masks[name]).sum()) for name in masks)
+                uploaded.update(new_masks)
+            return {**metrics, MASK_VERSION: version, MASK_HAMMING: hamming}
+
+        # -- upload (the readjusted mask with its bitmap on a readjustment round) -------------
+        yield Session(model, train, reply=lambda: up.encode_masked(model.state_dict(), uploaded, with_bitmap=alpha > 0))
 
 
 # -- local training under a mask ----------------------------------------------------------------

@@ -25,13 +25,15 @@ personalized evaluation (the ``hermes`` evaluator): it is the client's own test 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.channels import ChannelPruner, pruned_fraction
-from clients.trainer import ClientEnv, hyper_from, register_evaluator, register_trainer, slice_codec_from
+from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer, slice_codec_from
 from fl.errors import ConfigError
 from fl.keys import CODEC, NUM_EXAMPLES, UP_CODEC
 from fl.local_training import evaluate, train_dense
@@ -78,7 +80,8 @@ class HermesSettings:
 
 
 @register_trainer(NAME)
-def hermes(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[ArrayRecord, dict[str, float]]:
+@contextmanager
+def hermes(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator[Session]:
     settings = HermesSettings.from_config(config)
     pruner = channel_pruner(env)
     # 1. the client's own sub-network, physically pruned
@@ -86,25 +89,31 @@ def hermes(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> tuple[A
     masks = pruner.masks_of(keep)
     model, graph = pruner.build(masks)
     model.load_state_dict(blocks)
-    # 2. local training
     train_data, held_out = env.local_splits(settings.val_fraction)
-    env.before_train(model, config)
-    metrics = train_dense(model, train_data, hyper_from(config), env.generator)
-    # 3. local accuracy
-    local = evaluate(model, held_out)
-    # 4. one more pruning step once accurate enough
-    new_masks = masks
-    if local["accuracy"] >= settings.accuracy_threshold:
-        new_masks = pruner.next_masks(model, masks, settings.prune_step, settings.target_pruned, graph)
-    pruned_now = any(not torch.equal(new_masks[name], masks[name]) for name in masks)
-    new_keep = pruner.keep(new_masks) if pruned_now else keep
-    # 5. upload the kept channels of the trained model
-    upload = slice_state(model.state_dict(), relative_keep(keep, new_keep))
-    metrics.update({LOCAL_ACCURACY: local["accuracy"], PRUNED_FRACTION: pruned_fraction(new_masks),
-                    KEPT_ENTRIES: kept_entries(new_keep, pruner.reference), PRUNED_NOW: float(pruned_now),
-                    NUM_EXAMPLES: len(train_data)})
-    metrics.update(env.after_train(model, metrics))
-    return slice_codec_from(config, UP_CODEC, "hermes").encode_slices(upload, new_keep), metrics
+    new_keep = keep  # step 4 may prune further
+
+    def train() -> dict[str, float]:
+        nonlocal new_keep
+        # 2. local training
+        metrics = train_dense(model, train_data, hyper_from(config), env.generator)
+        # 3. local accuracy
+        local = evaluate(model, held_out)
+        # 4. one more pruning step once accurate enough
+        new_masks = masks
+        if local["accuracy"] >= settings.accuracy_threshold:
+            new_masks = pruner.next_masks(model, masks, settings.prune_step, settings.target_pruned, graph)
+        pruned_now = any(not torch.equal(new_masks[name], masks[name]) for name in masks)
+        new_keep = pruner.keep(new_masks) if pruned_now else keep
+        return {**metrics, LOCAL_ACCURACY: local["accuracy"], PRUNED_FRACTION: pruned_fraction(new_masks),
+                KEPT_ENTRIES: kept_entries(new_keep, pruner.reference), PRUNED_NOW: float(pruned_now),
+                NUM_EXAMPLES: len(train_data)}
+
+    def reply() -> ArrayRecord:
+        # 5. upload the kept channels of the trained model
+        upload = slice_state(model.state_dict(), relative_keep(keep, new_keep))
+        return slice_codec_from(config, UP_CODEC, "hermes").encode_slices(upload, new_keep)
+
+    yield Session(model, train, reply)
 
 
 @register_evaluator(NAME)

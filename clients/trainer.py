@@ -1,18 +1,25 @@
-"""Client trainers: plain functions ``(arrays, config, env) -> (arrays, metrics)`` chosen by name.
+"""Client trainers, chosen by name, and the session protocol the ClientApp runs them by.
 
 The server names the trainer in each train message (``config["trainer"]``, default ``dense``), so
-one ClientApp serves every strategy. Evaluate messages name it the same way: a trainer that needs
-its own evaluation (a pruned architecture, a personal split) registers an evaluator
-``(arrays, config, env) -> metrics`` under the same name; other names are evaluated densely.
-A trainer knows nothing of Flower's transport, Ray or the engine: ``ClientEnv`` hands it the
-client's data, its persistent state, a seeded generator, a resident model and the plugin hooks.
+one ClientApp serves every strategy. A trainer is a context manager ``(arrays, config, env) ->
+Session``: entering it receives the payload into the model it trains; the session's ``train()``
+is the algorithm's local step and ``reply()`` what it uploads. The ClientApp wraps every session
+in the plugins' client hooks (``run_trainer``), so no trainer calls them: ``before_train`` when
+the session starts the round's local training, ``after_train`` when it ends it (both, except for
+the exchanges in the middle of AgileNN's split learning, where one round spans many messages).
+
+Evaluate messages name the trainer the same way: a trainer that needs its own evaluation (a pruned
+architecture, a personal split) registers an evaluator ``(arrays, config, env) -> metrics`` under
+the same name; other names are evaluated densely. A trainer knows nothing of Flower's transport,
+Ray or the engine: ``ClientEnv`` hands it the client's data, its persistent state, a seeded
+generator and a resident model.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -30,8 +37,35 @@ from fl.specs import ClientSpec
 
 TRAINER = "trainer"  # config key naming the trainer
 
-Trainer = Callable[[ArrayRecord, ConfigRecord, "ClientEnv"], tuple[ArrayRecord, dict[str, float]]]
+@dataclass
+class Session:
+    """One train message's local training, in the parts the ClientApp runs with the plugins' hooks
+    between them (``run_trainer``)."""
+
+    model: nn.Module  # what trains, the received weights loaded
+    train: Callable[[], dict[str, float]]  # the local step; its metrics
+    reply: Callable[[], ArrayRecord]  # the upload, after train()
+    starts: bool = True  # this message starts the round's local training (before_train runs)
+    ends: bool = True  # ... and this one ends it (after_train runs)
+
+
+Trainer = Callable[[ArrayRecord, ConfigRecord, "ClientEnv"], ContextManager[Session]]
 TRAINERS: Registry[Trainer] = Registry("client trainer", "strategy.trainer")
+
+
+def run_trainer(trainer: Trainer, arrays: ArrayRecord, config: ConfigRecord,
+                env: "ClientEnv") -> tuple[ArrayRecord, dict[str, float]]:
+    """A train message through ``trainer``, wrapped in the plugins' client hooks."""
+    with trainer(arrays, config, env) as session:
+        if session.starts:
+            for plugin in env.plugins:
+                plugin.before_train(env.view, session.model, config)
+        metrics = session.train()
+        if session.ends:
+            for plugin in env.plugins:
+                extra = plugin.after_train(env.view, session.model, metrics) or {}
+                metrics.update({f"plugin/{plugin.name}/{k}": v for k, v in extra.items()})
+        return session.reply(), metrics
 
 
 Evaluator = Callable[[ArrayRecord, ConfigRecord, "ClientEnv"], dict[str, float]]
@@ -83,16 +117,6 @@ class ClientEnv:
         train_idx, held_idx = client_split(self.federation, self.partition_id, val_fraction, self.spec.seed)
         images = self.federation.train
         return ClientData(images, np.asarray(train_idx)), ClientData(images, np.asarray(held_idx))
-
-    def before_train(self, model: nn.Module, config: ConfigRecord) -> None:
-        for plugin in self.plugins:
-            plugin.before_train(self.view, model, config)
-
-    def after_train(self, model: nn.Module, metrics: dict[str, float]) -> dict[str, float]:
-        extra: dict[str, float] = {}
-        for plugin in self.plugins:
-            extra.update({f"plugin/{plugin.name}/{k}": v for k, v in (plugin.after_train(self.view, model, metrics) or {}).items()})
-        return extra
 
 
 def slice_codec_from(config: ConfigRecord, key: str, trainer: str) -> SliceCodec:

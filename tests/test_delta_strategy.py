@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.delta_trainer import delta, delta_evaluate
+from clients.trainer import run_trainer
 from clients.trainer import TRAINER, ClientEnv
 from fl.delta.network import DeltaArch, FusedDelta, delta_params, tier_shapes
 from fl.delta.slices import (DELTA_TIER, FROZEN_STATE, WIDTH, WITH_FROZEN, blocks_for, download_layout, is_frozen,
@@ -89,7 +90,7 @@ def test_upload_is_exactly_the_tiers_slice(width):
     model = _model()
     strategy = _strategy(model, widths={p: width for p in range(4)})
     message = _messages(strategy, model)[0]
-    reply, metrics = delta(message.content[ARRAYS], message.content[CONFIG], _env())
+    reply, metrics = run_trainer(delta, message.content[ARRAYS], message.content[CONFIG], _env())
     arch = model.arch
     shapes = tier_shapes(arch, width)
     values = reply["values"].numpy()
@@ -138,7 +139,7 @@ def test_the_client_trains_only_the_delta():
     model = _model()
     strategy = _strategy(model, widths={p: 0.5 for p in range(4)})
     message = _messages(strategy, model)[0]
-    reply, _ = delta(message.content[ARRAYS], message.content[CONFIG], _env())
+    reply, _ = run_trainer(delta, message.content[ARRAYS], message.content[CONFIG], _env())
     reference, keep = upload_layout(model.state_dict(), model.arch.to_json(), 0.5, with_edge=False)
     blocks, _ = SLICE.decode_slices(reply, reference)
     sent, _ = SLICE.decode_slices(message.content[ARRAYS], download_layout(
@@ -153,7 +154,7 @@ def test_frozen_parts_travel_once_per_version_and_a_node_without_them_fails():
     first = _messages(strategy, model, 1)
     assert all(m.content[CONFIG][WITH_FROZEN] for m in first.values())
     state = RecordDict()
-    reply, _ = delta(first[0].content[ARRAYS], first[0].content[CONFIG], _env(0, 1, state))
+    reply, _ = run_trainer(delta, first[0].content[ARRAYS], first[0].content[CONFIG], _env(0, 1, state))
     held = state[FROZEN_STATE].to_torch_state_dict()
     assert set(held) == {n for n in model.state_dict() if is_frozen(n)}
     assert all(torch.equal(held[n], model.state_dict()[n]) for n in held)
@@ -161,9 +162,9 @@ def test_frozen_parts_travel_once_per_version_and_a_node_without_them_fails():
     second = _messages(strategy, model, 2)
     assert not second[0].content[CONFIG][WITH_FROZEN] and second[1].content[CONFIG][WITH_FROZEN]
     assert payload_bytes(second[0].content) < payload_bytes(second[1].content) / 10
-    delta(second[0].content[ARRAYS], second[0].content[CONFIG], _env(0, 2, state))  # uses what it kept
+    run_trainer(delta, second[0].content[ARRAYS], second[0].content[CONFIG], _env(0, 2, state))  # uses what it kept
     with pytest.raises(RuntimeError, match="holds version None"):
-        delta(second[0].content[ARRAYS], second[0].content[CONFIG], _env(0, 2, RecordDict()))
+        run_trainer(delta, second[0].content[ARRAYS], second[0].content[CONFIG], _env(0, 2, RecordDict()))
 
 
 def test_the_evaluator_scores_the_tier_model_on_the_held_out_split():
@@ -258,8 +259,8 @@ def test_edge_rounds_average_e_and_resend_it():
     second = _messages(strategy, model, 2)
     assert second[0].content[CONFIG]["delta.train-edge"] and not second[0].content[CONFIG][WITH_FROZEN]
     state = RecordDict()
-    delta(first[0].content[ARRAYS], first[0].content[CONFIG], _env(0, 1, state))
-    reply, _ = delta(second[0].content[ARRAYS], second[0].content[CONFIG], _env(0, 2, state))
+    run_trainer(delta, first[0].content[ARRAYS], first[0].content[CONFIG], _env(0, 1, state))
+    reply, _ = run_trainer(delta, second[0].content[ARRAYS], second[0].content[CONFIG], _env(0, 2, state))
     arrays, _ = strategy.aggregate_train(2, [_reply(0, reply, 4)])
     new = arrays.to_torch_state_dict()
     assert any(not torch.equal(new[n], model.state_dict()[n]) for n in new if n.startswith("edge."))

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from clients.channels import ChannelPruner, prune_count, pruned_fraction
 from clients.hermes_trainer import (KEPT_ENTRIES, LOCAL_ACCURACY, PRUNED_NOW, HermesSettings,
                                     channel_pruner, hermes, hermes_evaluate)
-from clients.trainer import TRAINER, ClientEnv, evaluator_for
+from clients.trainer import TRAINER, ClientEnv, evaluator_for, run_trainer
 from fl.directory import NodeDirectory
 from fl.errors import ConfigError
 from fl.keys import ARRAYS, CODEC, CONFIG, EPOCHS, LR, METRICS, NUM_EXAMPLES, UP_CODEC
@@ -211,7 +211,7 @@ def test_client_masks_channel_constant_monotone_and_capped_at_target():
     fractions = []
     for server_round in range(1, 6):
         env.server_round = server_round
-        record, metrics = hermes(record, _train_config(threshold=0.0, target=0.5), env)
+        record, metrics = run_trainer(hermes, record, _train_config(threshold=0.0, target=0.5), env)
         _, new_keep = codec.decode_slices(record, pruner.reference)
         _cnn_coupling_holds(new_keep, side=4)
         for name, ref in pruner.reference.items():  # monotone: the kept coordinates only shrink
@@ -231,23 +231,23 @@ def test_no_pruning_below_the_accuracy_threshold():
     pruner = channel_pruner(env)
     codec = get_codec("channel_slice_fp32")
     record = codec.encode(pruner.reference)
-    _, probe = hermes(record, _train_config(threshold=0.0, val_fraction=0.5), env)
+    _, probe = run_trainer(hermes, record, _train_config(threshold=0.0, val_fraction=0.5), env)
     accuracy = probe[LOCAL_ACCURACY]
     assert accuracy < 1.0
     env.generator.manual_seed(101)  # the same round again, same batches
-    below, metrics = hermes(record, _train_config(threshold=accuracy + 1e-6, val_fraction=0.5), env)
+    below, metrics = run_trainer(hermes, record, _train_config(threshold=accuracy + 1e-6, val_fraction=0.5), env)
     assert metrics[LOCAL_ACCURACY] == accuracy and metrics[PRUNED_NOW] == 0.0
     _, keep = codec.decode_slices(below, pruner.reference)
     assert all(bool(m.all()) for masks in keep.values() for m in masks)
     env.generator.manual_seed(101)
-    _, metrics = hermes(record, _train_config(threshold=accuracy, val_fraction=0.5), env)
+    _, metrics = run_trainer(hermes, record, _train_config(threshold=accuracy, val_fraction=0.5), env)
     assert metrics[PRUNED_NOW] == 1.0
 
 
 def test_upload_bytes_are_the_pruned_models_entries_plus_bitmap():
     env = _client_env(partition=2)
     pruner = channel_pruner(env)
-    record, metrics = hermes(get_codec("channel_slice_fp32").encode(pruner.reference), _train_config(0.0), env)
+    record, metrics = run_trainer(hermes, get_codec("channel_slice_fp32").encode(pruner.reference), _train_config(0.0), env)
     _, keep = get_codec("channel_slice_fp32").decode_slices(record, pruner.reference)
     small, _ = pruner.build(pruner.masks_of(keep))
     kept = sum(t.numel() for t in small.state_dict().values() if t.is_floating_point())

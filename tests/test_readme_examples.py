@@ -12,7 +12,9 @@ def _python_blocks() -> list[str]:
 
 
 def test_readme_strategy_and_plugin_examples(tmp_path, monkeypatch):
-    strategy_src, plugin_src = _python_blocks()[:2]
+    blocks = _python_blocks()
+    strategy_src = next(b for b in blocks if "class FedAvgM" in b)
+    plugin_src = next(b for b in blocks if "class ClassifierNorms" in b)
     (tmp_path / "my_strategy.py").write_text(strategy_src, encoding="utf-8")
     (tmp_path / "my_plugin.py").write_text(plugin_src, encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
