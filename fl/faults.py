@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from fl.keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
+from fl.message_keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
 
 _FAULT_STREAM = 0xFA17
 _HOSTILE_STREAM = 0x4057

@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 
 from clients.trainer import TRAINER
 from fl.errors import ConfigError
-from fl.keys import ARRAYS, CONFIG, LR, METRICS, MOMENTUM, WEIGHT_DECAY
+from fl.message_keys import ARRAYS, CONFIG, LR, METRICS, MOMENTUM, WEIGHT_DECAY
 from fl.local_training import ClientData
 from fl.payload import State, decode_features, decode_tensors, encode_tensors
 from plugins.agilenn.network import AgileNet

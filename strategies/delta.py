@@ -46,7 +46,7 @@ from fl.delta.slices import (ARCH, DELTA_TIER, FNC_WEIGHT, FROZEN_VERSION, SR_WE
                              WITH_FROZEN, blocks_for, download_layout, is_edge, is_trainable, same_keep,
                              upload_layout, upload_sizes, width_key)
 from fl.errors import ConfigError
-from fl.keys import ARRAYS, CONFIG, METRICS
+from fl.message_keys import ARRAYS, CONFIG, METRICS
 from fl.payload import State
 from strategies.base import Decoded, FederatedStrategy, Rejected, Update, weighted_mean
 from strategies.hermes import HOLDERS, Upload, average_held

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fl.keys import ARRAYS, CONFIG
+from fl.message_keys import ARRAYS, CONFIG
 from fl.payload import State
 from strategies.base import FederatedStrategy, Update, weighted_mean
 

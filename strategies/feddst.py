@@ -50,7 +50,7 @@ from flwr.serverapp import Grid
 from clients.feddst_trainer import MASK_VERSION, MASKED, READJUST_ALPHA
 from clients.trainer import TRAINER
 from fl.errors import ConfigError
-from fl.keys import ARRAYS, CONFIG, METRICS
+from fl.message_keys import ARRAYS, CONFIG, METRICS
 from fl.payload import Masks, State, has_bitmap
 from fl.sparsity import apply_mask, erk_budgets, magnitude_masks, prunable_shapes, top_k_mask
 from strategies.base import Decoded, Rejected, Update, weighted_mean

@@ -43,7 +43,7 @@ from flwr.serverapp import Grid
 from clients.hermes_trainer import NAME, HermesSettings
 from clients.trainer import TRAINER
 from fl.errors import ConfigError
-from fl.keys import ARRAYS, CONFIG, METRICS
+from fl.message_keys import ARRAYS, CONFIG, METRICS
 from fl.payload import (Keep, State, full_keep, keep_coordinates, kept_entries,
                         relative_keep, slice_state, unslice_state)
 from strategies.base import Decoded, FederatedStrategy, Rejected, Update

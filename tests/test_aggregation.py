@@ -3,7 +3,7 @@
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl.keys import ARRAYS, METRICS, NUM_EXAMPLES
+from fl.message_keys import ARRAYS, METRICS, NUM_EXAMPLES
 from strategies import FedAvg, weighted_mean
 
 

@@ -34,7 +34,7 @@ from fl.deploy.device import (
 )
 from fl.deploy.run_config import OVERRIDES, RUN_DIR, compose, overrides_from
 from fl.errors import ConfigError
-from fl.keys import ARRAYS, CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, QUERY_PARTITION, SERVER_ROUND
+from fl.message_keys import ARRAYS, CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, QUERY_PARTITION, SERVER_ROUND
 from fl.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

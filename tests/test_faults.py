@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fl.faults import FaultSpec
-from fl.keys import ARRAYS, METRICS, NUM_EXAMPLES
+from fl.message_keys import ARRAYS, METRICS, NUM_EXAMPLES
 from fl.runlog import read_metrics
 from strategies import FedAvg
 from tests.helpers import run_inprocess

@@ -26,7 +26,7 @@ from fl.data import (
     synthetic,
 )
 from fl.data.partition import ClientIndices
-from fl.directory import NodeDirectory
+from fl.node_directory import NodeDirectory
 from fl.engine.inprocess import ConsecutiveIds, InProcessGrid
 from fl.engine.metered import MeteredGrid
 from fl.sampling import sample_partitions

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fl.deploy.run_config import DEPLOY_DEFAULTS, compose, log, overrides_from
 from fl.errors import ConfigError
 from fl.delta.slices import DELTA_TIER
-from fl.keys import CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
+from fl.message_keys import CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
 from fl.payload import payload_bytes
 from fl.specs import ClientSpec
 

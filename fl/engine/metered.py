@@ -4,7 +4,7 @@ Wrapping the Grid (rather than instrumenting strategies) means every strategy, a
 Flower strategy included, is metered the same way, with ``fl.payload.payload_bytes`` as the one
 measure. Traffic accumulates per node until the run's round reporter closes the round.
 
-``query.*`` messages (the one-time partition discovery of ``fl.directory``, which the in-process
+``query.*`` messages (the one-time partition discovery of ``fl.node_directory``, which the in-process
 engine does not need) are control traffic: counted in ``control_bytes``, not in a round's
 up/down bytes, so that both engines report the same model traffic; their error and missing replies
 (a ClientApp that does not answer the query) are not training failures.
@@ -23,7 +23,7 @@ from flwr.supercore.run import Run
 
 from fl.clock import ClockSpec
 from fl.engine.inprocess import InProcessGrid
-from fl.keys import CONFIG, EPOCHS, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fl.message_keys import CONFIG, EPOCHS, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fl.payload import payload_bytes
 
 

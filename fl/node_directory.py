@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fl.keys import CONFIG, METRICS, PARTITION_ID, QUERY_PARTITION
+from fl.message_keys import CONFIG, METRICS, PARTITION_ID, QUERY_PARTITION
 
 log = logging.getLogger(__name__)
 
