@@ -28,8 +28,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.trainer import ClientEnv, Session, hyper_from, register_trainer
 from fl.batchnorm import smallest_batch
-from fl.message_keys import CODEC, UP_CODEC
 from fl.local_training import batch_bounds, statistics_after, statistics_before
+from fl.message_keys import CODEC, UP_CODEC
 from fl.payload import (decode_shared, decode_tensors, encode_features, encode_reply, encode_tensors, get_codec)
 from plugins.agilenn.losses import disorder_loss, disorder_rate, skewness, skewness_loss
 from plugins.agilenn.network import AgileNet

@@ -22,8 +22,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.trainer import TRAINER, TRAINERS, ClientEnv, evaluator_for, run_trainer
-from fl.message_keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
 from fl.local_training import ClientData
+from fl.message_keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
 from fl.sampling import seed_for
 from fl.specs import ClientSpec
 

@@ -21,8 +21,8 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients import app as client_app
 from clients.trainer import TRAINER, ClientEnv, hyper_from
-from fl.message_keys import ARRAYS, CODEC, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND, UP_CODEC
 from fl.local_training import ClientData
+from fl.message_keys import ARRAYS, CODEC, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND, UP_CODEC
 from fl.payload import decode_shared, encode_reply, get_codec
 from fl.sampling import seed_for
 from fl.specs import ClientSpec

@@ -31,8 +31,8 @@ from fl.delta.network import DeltaArch, FusedDelta, fnc_loss, fuse, group_lasso
 from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE,
                              VAL_FRACTION, WIDTH, WITH_FROZEN, download_layout, is_frozen, same_keep,
                              template_state, upload_layout)
-from fl.message_keys import CODEC, NUM_EXAMPLES, UP_CODEC
 from fl.local_training import ClientData, evaluate
+from fl.message_keys import CODEC, NUM_EXAMPLES, UP_CODEC
 
 NAME = "delta"  # the trainer and evaluator name the server puts in config["trainer"]
 TIER_WIDTH = "tier_width"  # metric: the client's width

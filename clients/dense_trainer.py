@@ -9,8 +9,8 @@ from typing import Iterator
 from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer
-from fl.message_keys import CODEC, UP_CODEC
 from fl.local_training import evaluate, train_dense
+from fl.message_keys import CODEC, UP_CODEC
 from fl.payload import decode_shared, encode_reply, get_codec
 
 

@@ -37,8 +37,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from clients.trainer import ClientEnv, Session, hyper_from, register_trainer
 from fl.batchnorm import smallest_batch
-from fl.message_keys import CODEC, UP_CODEC
 from fl.local_training import ClientData, TrainHyper, local_sgd, statistics_after, statistics_before
+from fl.message_keys import CODEC, UP_CODEC
 from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap
 
 # Message keys of the FedDST protocol (the strategy imports them from here).

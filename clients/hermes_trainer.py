@@ -35,8 +35,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from clients.channels import ChannelPruner, pruned_fraction
 from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer, slice_codec_from
 from fl.errors import ConfigError
-from fl.message_keys import CODEC, NUM_EXAMPLES, UP_CODEC
 from fl.local_training import evaluate, train_dense
+from fl.message_keys import CODEC, NUM_EXAMPLES, UP_CODEC
 from fl.payload import kept_entries, relative_keep, slice_state
 
 NAME = "hermes"  # the trainer and evaluator name the server puts in config["trainer"]

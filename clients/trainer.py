@@ -29,8 +29,8 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from clients.resident import borrowed_model
 from fl.data import client_split
 from fl.hooks import ClientView, Plugin
-from fl.message_keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.local_training import ClientData, TrainHyper
+from fl.message_keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.payload import SliceCodec, get_codec
 from fl.registry import Registry
 from fl.specs import ClientSpec

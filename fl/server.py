@@ -47,8 +47,8 @@ from fl.clock import ClockSpec
 from fl.engine.metered import MeteredGrid
 from fl.errors import ConfigError
 from fl.hooks import Plugin, RunView
-from fl.message_keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.local_training import ClientData, TrainHyper, evaluate
+from fl.message_keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.runlog import METRICS_FILE, RunLogger
 from fl.served import ServedStrategy, served
 from fl.specs import ClientSpec

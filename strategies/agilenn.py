@@ -35,8 +35,8 @@ from flwr.serverapp import Grid
 
 from clients.trainer import TRAINER
 from fl.errors import ConfigError
-from fl.message_keys import ARRAYS, CONFIG, LR, METRICS, MOMENTUM, WEIGHT_DECAY
 from fl.local_training import ClientData
+from fl.message_keys import ARRAYS, CONFIG, LR, METRICS, MOMENTUM, WEIGHT_DECAY
 from fl.payload import State, decode_features, decode_tensors, encode_tensors
 from plugins.agilenn.network import AgileNet
 from plugins.agilenn.protocol import (AGILE, ALPHA_W, CENTROID_PREFIX, COUNT_PREFIX, GRAD_ALPHA, GRAD_FEATURES,

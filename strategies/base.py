@@ -37,8 +37,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fl.node_directory import NodeDirectory
 from fl.message_keys import ARRAYS, CODEC, CONFIG, METRICS, SERVER_ROUND, UP_CODEC
+from fl.node_directory import NodeDirectory
 from fl.payload import State, example_payload, get_codec, resolve_codec
 from fl.sampling import sample_partitions
 from fl.served import ServedStrategy

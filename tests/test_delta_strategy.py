@@ -17,10 +17,10 @@ from clients.trainer import TRAINER, ClientEnv
 from fl.delta.network import DeltaArch, FusedDelta, delta_params, tier_shapes
 from fl.delta.slices import (DELTA_TIER, FROZEN_STATE, WIDTH, WITH_FROZEN, blocks_for, download_layout, is_frozen,
                              is_trainable, upload_layout)
-from fl.node_directory import NodeDirectory
 from fl.errors import ConfigError
-from fl.message_keys import ARRAYS, CONFIG, EPOCHS, LR, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fl.local_training import ClientData
+from fl.message_keys import ARRAYS, CONFIG, EPOCHS, LR, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fl.node_directory import NodeDirectory
 from fl.payload import get_codec, payload_bytes
 from fl.runlog import read_metrics
 from fl.specs import ClientSpec, DataSpec, ModelSpec, freeze

@@ -16,8 +16,8 @@ from flwr.common.constant import ErrorCode
 from clients.feddst_trainer import MASK_VERSION, readjust_count, readjust_masks, train_masked
 from fl.data.imageset import ImageSet
 from fl.errors import ConfigError
-from fl.message_keys import ARRAYS, METRICS, NUM_EXAMPLES
 from fl.local_training import ClientData, TrainHyper
+from fl.message_keys import ARRAYS, METRICS, NUM_EXAMPLES
 from fl.models import get_model
 from fl.payload import decode_bitmap, encode_bitmap, get_codec, has_bitmap, payload_bytes
 from fl.runlog import read_metrics

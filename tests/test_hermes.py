@@ -16,11 +16,11 @@ from clients.channels import ChannelPruner, prune_count, pruned_fraction
 from clients.hermes_trainer import (KEPT_ENTRIES, LOCAL_ACCURACY, PRUNED_NOW, HermesSettings,
                                     channel_pruner, hermes, hermes_evaluate)
 from clients.trainer import TRAINER, ClientEnv, evaluator_for, run_trainer
-from fl.node_directory import NodeDirectory
 from fl.errors import ConfigError
-from fl.message_keys import ARRAYS, CODEC, CONFIG, EPOCHS, LR, METRICS, NUM_EXAMPLES, UP_CODEC
 from fl.local_training import ClientData
+from fl.message_keys import ARRAYS, CODEC, CONFIG, EPOCHS, LR, METRICS, NUM_EXAMPLES, UP_CODEC
 from fl.models import get_model
+from fl.node_directory import NodeDirectory
 from fl.payload import full_keep, get_codec, keep_coordinates, kept_entries, payload_bytes, slice_state
 from fl.runlog import read_metrics
 from fl.specs import ClientSpec, DataSpec, ModelSpec, freeze

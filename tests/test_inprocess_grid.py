@@ -5,10 +5,10 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl.node_directory import NodeDirectory
 from fl.engine.inprocess import InProcessGrid
 from fl.engine.metered import MeteredGrid
 from fl.message_keys import PARTITION_ID
+from fl.node_directory import NodeDirectory
 from fl.payload import payload_bytes
 
 

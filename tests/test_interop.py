@@ -32,11 +32,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg as StockFedAvg
 
 from clients.trainer import hyper_from
-from fl.node_directory import NodeDirectory
 from fl.engine.inprocess import InProcessGrid
 from fl.errors import ConfigError
-from fl.message_keys import QUERY_PARTITION
 from fl.local_training import TrainHyper
+from fl.message_keys import QUERY_PARTITION
+from fl.node_directory import NodeDirectory
 from fl.runlog import read_metrics
 from fl.specs import ClientSpec
 from tests.helpers import compose_config

@@ -26,9 +26,9 @@ from fl.data import (
     synthetic,
 )
 from fl.data.partition import ClientIndices
-from fl.node_directory import NodeDirectory
 from fl.engine.inprocess import ConsecutiveIds, InProcessGrid
 from fl.engine.metered import MeteredGrid
+from fl.node_directory import NodeDirectory
 from fl.sampling import sample_partitions
 
 REPO = Path(__file__).resolve().parents[1]

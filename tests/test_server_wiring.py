@@ -14,8 +14,8 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Strategy
 
 from fl.hooks import Plugin, Report, RunView
-from fl.message_keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.local_training import TrainHyper
+from fl.message_keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
 from fl.runlog import METRICS_FILE, RunLogger, image_path, read_metrics, truncate_metrics
 from fl.served import ServedStrategy, served
 from fl.server import PluginHooks, Progress, RunRounds, train_config

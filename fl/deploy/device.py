@@ -38,9 +38,9 @@ import torch
 from flwr.app import Context, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fl.delta.slices import DELTA_TIER
 from fl.deploy.run_config import DEPLOY_DEFAULTS, compose, log, overrides_from
 from fl.errors import ConfigError
-from fl.delta.slices import DELTA_TIER
 from fl.message_keys import CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND
 from fl.payload import payload_bytes
 from fl.specs import ClientSpec

@@ -51,8 +51,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl.node_directory import NodeDirectory
 from fl.message_keys import NUM_PARTITIONS, PARTITION_ID
+from fl.node_directory import NodeDirectory
 
 
 class ClientBatching(Protocol):
