@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fl.delta.network import DeltaArch, FusedDelta  # noqa: E402
 from fl.delta.slices import upload_sizes, width_key  # noqa: E402
 from fl.payload import get_codec  # noqa: E402
-from fl.runlog import read_metrics  # noqa: E402
+from fl.run_logger import read_metrics  # noqa: E402
 
 
 def delta_dir(given: Path | None) -> Path:

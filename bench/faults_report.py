@@ -19,13 +19,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl.runlog import read_metrics  # noqa: E402
+from fl.run_logger import read_metrics  # noqa: E402
 from tests.helpers import compose_config  # noqa: E402
 
 
 def run(run_dir: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
     from fl.config import build
-    from fl.run import execute
+    from fl.execute import execute
 
     server, engine, faults = build(compose_config(["progress=false"] + overrides), str(run_dir))
     return execute(server, engine, faults=faults), read_metrics(run_dir)

@@ -27,7 +27,7 @@ from fl.errors import ConfigError
 from fl.faults import HOSTILE_KINDS, FaultSpec
 from fl.hooks import PLUGINS
 from fl.local_training import TrainHyper
-from fl.run import EngineSpec
+from fl.execute import EngineSpec
 from fl.server import ServerSpec
 from fl.specs import ClientSpec, DataSpec, ModelSpec, PluginSpec, freeze
 import plugins as _shipped_plugins  # noqa: F401  (declares the shipped plugins' names)

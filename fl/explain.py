@@ -13,7 +13,7 @@ pair's test set and writes into ``--out``:
 | ``report.html`` | self-contained (base64 PNGs): categories, missed concepts, studies, overlays with scores |
 | ``summary.json`` | counts and mean scores per category, accuracies, top concepts, study tables |
 | ``scores.jsonl`` | one row per explained sample: category, overlap, locality, areas, concepts, coverage |
-| ``events.out.tfevents.*`` | the same Report the ``xdelta`` plugin logs, under ``plugin/xdelta/`` (``fl.runlog``) |
+| ``events.out.tfevents.*`` | the same Report the ``xdelta`` plugin logs, under ``plugin/xdelta/`` (``fl.run_logger``) |
 
 Bad input stops before any work with one line ``error: <option>: <problem>`` and exit status 2;
 the outputs are written into a temporary folder renamed into place at the end, so a failed run
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in result.explanation.records():
                 fh.write(json.dumps(row) + "\n")
         if not args.no_tensorboard:
-            from fl.runlog import RunLogger
+            from fl.run_logger import RunLogger
 
             logger = RunLogger(tmp)
             logger.log_report("xdelta", to_report(result, test, settings), 0)

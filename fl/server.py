@@ -9,7 +9,7 @@ each job in one home:
     RoundReporter      Flower's ``evaluate_fn`` (before round 1 and after every round): the round's row
     CentralEvaluation  the global model on the central test set
     PluginHooks        the plugins' server hooks
-    RunLogger          metrics.jsonl and TensorBoard (``fl.runlog``)
+    RunLogger          metrics.jsonl and TensorBoard (``fl.run_logger``)
     Progress           the progress bar
     checkpoint()       ``checkpoint.pt`` (``fl.checkpoint``)
 
@@ -49,7 +49,7 @@ from fl.errors import ConfigError
 from fl.hooks import Plugin, RunView
 from fl.local_training import ClientData, TrainHyper, evaluate
 from fl.message_keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
-from fl.runlog import METRICS_FILE, RunLogger
+from fl.run_logger import METRICS_FILE, RunLogger
 from fl.served import ServedStrategy, served
 from fl.specs import ClientSpec
 
@@ -445,9 +445,9 @@ def build_server_app(spec: ServerSpec, plugins: list[Plugin], outcome: RunOutcom
         try:
             done = run_server(grid, spec, plugins, resume, stop)
             outcome.final_arrays, outcome.rows, outcome.control_bytes = done.final_arrays, done.rows, done.control_bytes
-        except RunStopped as exc:  # a requested stop, not a failure of the ServerApp: fl.run raises it
+        except RunStopped as exc:  # a requested stop, not a failure of the ServerApp: fl.execute raises it
             outcome.error = exc    # once the engine has returned (no traceback from Flower's thread)
-        except BaseException as exc:  # surfaced by fl.run after the engine returns
+        except BaseException as exc:  # surfaced by fl.execute after the engine returns
             outcome.error = exc
             raise
 

@@ -1,4 +1,4 @@
-"""``python -m fl.simulate [overrides]``: the Hydra entry point, a thin shell around ``fl.run``.
+"""``python -m fl.simulate [overrides]``: the Hydra entry point, a thin shell around ``fl.execute``.
 
 Bad input stops here with one line ``error: <key>: <what is wrong>; <what to do>`` and exit
 status 2, and no run directory is left: Hydra's own errors (an unknown option of a config group, an
@@ -57,8 +57,8 @@ def _run(cfg: DictConfig, run_dir: str, stop, overrides: list[str]) -> None:
     """Check the config (or the run to resume), run it, and turn what stops it into one line."""
     from fl.checkpoint import kill_point, remove_checkpoint
     from fl.config import build
-    from fl.results import ERROR_FILE, atomic_write_text
-    from fl.run import execute
+    from fl.outputs import ERROR_FILE, atomic_write_text
+    from fl.execute import execute
     from fl.server import RunStopped
 
     fresh_dir, resume = run_dir, None
@@ -129,7 +129,7 @@ def resumed_run(run_dir: str, overrides: list[str] = ()):
     None, after saying so, when the run is complete already. ``overrides`` (the command line's
     besides ``resume``) are refused: a resumed run is its stored config, or it would not be the same run."""
     from fl.checkpoint import load_checkpoint, remove_checkpoint
-    from fl.results import outputs_complete
+    from fl.outputs import outputs_complete
 
     path = Path(run_dir)
     if not (path / CONFIG_FILE).is_file():
@@ -162,7 +162,7 @@ def start_lines(server) -> str:
 
 
 def _any_round_logged(run_dir: str) -> bool:
-    from fl.runlog import METRICS_FILE
+    from fl.run_logger import METRICS_FILE
 
     metrics = Path(run_dir, METRICS_FILE)
     return metrics.is_file() and bool(metrics.read_text(encoding="utf-8").strip())

@@ -25,7 +25,7 @@ def compose_config(overrides: list[str]):
 
 def run_inprocess(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
     from fl.config import build
-    from fl.run import execute
+    from fl.execute import execute
 
     other_data = any(o.startswith("data=") for o in overrides)
     cfg = compose_config(SMALL + ([] if other_data else SMALL_SYNTHETIC) + overrides)

@@ -4,7 +4,7 @@ import pytest
 
 from fl.clock import ClockSpec, DeviceProfile, clock_spec
 from fl.errors import ConfigError
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from tests.helpers import run_inprocess
 
 SLOW = DeviceProfile("slow", macs_per_s=1e6, up_mbit_s=1.0, down_mbit_s=2.0, share=1)

@@ -195,7 +195,7 @@ def test_residual_of_another_shape_is_dropped():
 def test_fedavg_with_top1_percent_int8_uploads_at_most_two_percent_of_dense(tmp_path):
     """End to end: clients encode their update (clients/app.py via encode_reply), the server
     decodes it against the global model before averaging, the meter counts what was sent."""
-    from fl.runlog import read_metrics
+    from fl.run_logger import read_metrics
     from tests.helpers import run_inprocess
 
     dense, dense_dir = run_inprocess(tmp_path / "dense", ["rounds=1"])

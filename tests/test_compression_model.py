@@ -147,7 +147,7 @@ def test_plugin_options_are_checked():
 
 
 def test_compression_plugin_in_a_run(tmp_path):
-    from fl.runlog import read_metrics
+    from fl.run_logger import read_metrics
     from tests.helpers import run_inprocess
 
     _, run_dir = run_inprocess(tmp_path, ["plugins=[compression]", "plugins.compression.every=1",
@@ -168,7 +168,7 @@ def test_plugin_draws_accuracy_against_size_and_macs_and_writes_the_table(tmp_pa
 
     from PIL import Image
 
-    from fl.runlog import RunLogger, image_path
+    from fl.run_logger import RunLogger, image_path
     from plugins.compression.plugin import CSV_FILE, TABLE_FILE, tradeoff_series
     from tests.test_figures import assert_picture
 

@@ -22,7 +22,7 @@ from fl.local_training import ClientData
 from fl.message_keys import ARRAYS, CONFIG, EPOCHS, LR, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fl.node_directory import NodeDirectory
 from fl.payload import get_codec, payload_bytes
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from fl.specs import ClientSpec, DataSpec, ModelSpec, freeze
 from strategies.delta import DEFAULT_TIERS, DeltaFactorized
 from tests.helpers import compose_config, run_inprocess

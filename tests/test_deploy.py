@@ -35,7 +35,7 @@ from fl.deploy.device import (
 from fl.deploy.run_config import OVERRIDES, RUN_DIR, compose, overrides_from
 from fl.errors import ConfigError
 from fl.message_keys import ARRAYS, CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, QUERY_PARTITION, SERVER_ROUND
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("num_clients=2 fraction_fit=1.0 data.samples_per_client=8 data.test_size=32 "

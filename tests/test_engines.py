@@ -12,7 +12,7 @@ import tempfile
 import pytest
 import torch
 
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from tests.helpers import SMALL, SMALL_SYNTHETIC, run_inprocess
 
 pytestmark = pytest.mark.slow  # starts a local Ray (about 30 s); run by .ci/run

@@ -56,7 +56,7 @@ def test_export_from_a_run_folds_the_datasets_normalization(tmp_path, capsys):
 
     from fl.config import build
     from fl.data import get_federation
-    from fl.run import execute
+    from fl.execute import execute
     from tests.helpers import SMALL, SMALL_SYNTHETIC, compose_config
 
     run_dir = tmp_path / "run"  # what `python -m fl.simulate` leaves: config.yaml and final_model.pt

@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fl.faults import FaultSpec
 from fl.message_keys import ARRAYS, METRICS, NUM_EXAMPLES
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from strategies import FedAvg
 from tests.helpers import run_inprocess
 

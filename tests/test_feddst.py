@@ -20,7 +20,7 @@ from fl.local_training import ClientData, TrainHyper
 from fl.message_keys import ARRAYS, METRICS, NUM_EXAMPLES
 from fl.models import get_model
 from fl.payload import decode_bitmap, encode_bitmap, get_codec, has_bitmap, payload_bytes
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from strategies.feddst import FedDST, erk_budgets, holder_weighted_mean
 from tests.helpers import SMALL, SMALL_SYNTHETIC, compose_config, run_inprocess
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fl import figures
 from fl.hooks import Report
-from fl.runlog import RunLogger, image_path
+from fl.run_logger import RunLogger, image_path
 
 MIN_STD = 10.0  # grey-level standard deviation of a real figure (a blank canvas has 0)
 

@@ -182,7 +182,7 @@ def test_plugin_figures_in_tensorboard_and_the_run_directory(tmp_path):
     and PNG files that decode, and a scatter with one point per evaluated sample."""
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
 
-    from fl.runlog import image_path
+    from fl.run_logger import image_path
     from tests.helpers import run_inprocess
     from tests.test_figures import assert_picture
 

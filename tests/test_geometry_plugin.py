@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fl.hooks import Report
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from plugins.geometry import GeometryMonitor
 from tests.helpers import run_inprocess
 

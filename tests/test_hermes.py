@@ -22,7 +22,7 @@ from fl.message_keys import ARRAYS, CODEC, CONFIG, EPOCHS, LR, METRICS, NUM_EXAM
 from fl.models import get_model
 from fl.node_directory import NodeDirectory
 from fl.payload import full_keep, get_codec, keep_coordinates, kept_entries, payload_bytes, slice_state
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from fl.specs import ClientSpec, DataSpec, ModelSpec, freeze
 from strategies.hermes import Hermes
 from tests.helpers import run_inprocess

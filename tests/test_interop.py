@@ -37,7 +37,7 @@ from fl.errors import ConfigError
 from fl.local_training import TrainHyper
 from fl.message_keys import QUERY_PARTITION
 from fl.node_directory import NodeDirectory
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from fl.specs import ClientSpec
 from tests.helpers import compose_config
 

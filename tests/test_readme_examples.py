@@ -3,7 +3,7 @@
 import re
 import sys
 
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from tests.helpers import ROOT, run_inprocess
 
 

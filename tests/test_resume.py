@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from tests.helpers import ROOT, run_cli
 
 ARGS = ["num_clients=8", "fraction_fit=0.5", "rounds=4", "checkpoint_every=1", "seed=7", "progress=false",

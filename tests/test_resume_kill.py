@@ -23,7 +23,7 @@ import time
 import pytest
 
 from fl.checkpoint import KILL_AT_ENV, load_checkpoint
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from tests.helpers import ROOT, run_cli
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Unit tests of the server's wiring (fl.server, fl.served), the plugin hook protocol (fl.hooks) and
-the run logger (fl.runlog), each piece alone; end-to-end runs reach them too, but only here does a
+the run logger (fl.run_logger), each piece alone; end-to-end runs reach them too, but only here does a
 failure name the piece that broke."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import Strategy
 from fl.hooks import Plugin, Report, RunView
 from fl.local_training import TrainHyper
 from fl.message_keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
-from fl.runlog import METRICS_FILE, RunLogger, image_path, read_metrics, truncate_metrics
+from fl.run_logger import METRICS_FILE, RunLogger, image_path, read_metrics, truncate_metrics
 from fl.served import ServedStrategy, served
 from fl.server import PluginHooks, Progress, RunRounds, train_config
 
@@ -181,7 +181,7 @@ def test_progress_counts_on_from_the_rounds_already_done_with_seconds_per_round_
     progress.close()
 
 
-# -- fl.runlog: metrics.jsonl, reports, truncation --------------------------------------------------
+# -- fl.run_logger: metrics.jsonl, reports, truncation --------------------------------------------------
 
 def test_the_run_logger_writes_one_json_row_per_round_with_non_finite_as_null(tmp_path):
     logger = RunLogger(tmp_path, tensorboard=False)

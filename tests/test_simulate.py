@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fl.hooks import Plugin, Report
 from fl.payload import payload_bytes
-from fl.runlog import read_metrics
+from fl.run_logger import read_metrics
 from strategies import FedAvg
 from tests.helpers import SMALL, run_cli, run_inprocess
 
@@ -126,7 +126,7 @@ def test_startup_imports_only_what_the_run_uses():
     import subprocess
     import sys
 
-    probe = ("import sys, fl.config, fl.run; from fl.hooks import PLUGINS; "
+    probe = ("import sys, fl.config, fl.execute; from fl.hooks import PLUGINS; "
              "before = [m for m in ('captum', 'torch.utils.tensorboard') if m in sys.modules]; "
              "names = PLUGINS.names(); PLUGINS.get('xdelta'); print(before, names, 'captum' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout

@@ -137,7 +137,7 @@ def _rows_close(a, b):
 
 def test_engine_batch_clients_gives_the_sequential_run(tmp_path, monkeypatch):
     import clients.batched
-    from fl.runlog import read_metrics
+    from fl.run_logger import read_metrics
     from tests.helpers import run_inprocess
 
     calls = []

@@ -423,7 +423,7 @@ def test_the_plugin_explains_the_final_model_of_a_delta_run(tmp_path):
     assert last["plugin/xdelta/evaluated"] == 64 and len(counts) == 7  # the seven categories, NONE included
     assert sum(counts) == last["plugin/xdelta/explained"]
     # one example figure per category that has explained samples, in TensorBoard, as PNGs and in the HTML
-    from fl.runlog import image_path
+    from fl.run_logger import image_path
     from tests.test_figures import assert_picture
 
     shown = sorted(tag.rsplit("/", 1)[1] for tag, v in last.items() if tag.startswith("plugin/xdelta/count/") and v)

@@ -65,7 +65,7 @@ def write_comparison(runs: Sequence[Run], out_dir: str | os.PathLike, *, levels:
     """Draw both charts and write the tables into ``out_dir``; returns the files and the drawn series.
     ``xscale``: ``symlog`` (linear up to ``symlog_threshold``, logarithmic above) or ``linear``."""
     from fl.figures import line_chart, save_png  # matplotlib loads only when something is drawn
-    from fl.results import atomic_write_text
+    from fl.outputs import atomic_write_text
 
     out = Path(out_dir)
     clear_outputs(out)

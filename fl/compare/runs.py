@@ -18,8 +18,8 @@ import yaml
 
 from fl.errors import ConfigError
 
-METRICS_FILE = "metrics.jsonl"  # written by fl.runlog.RunLogger, one JSON object per round
-SUMMARY_FILE = "summary.json"   # written by fl.results when a run completes
+METRICS_FILE = "metrics.jsonl"  # written by fl.run_logger.RunLogger, one JSON object per round
+SUMMARY_FILE = "summary.json"   # written by fl.outputs when a run completes
 ERROR_FILE = "error.txt"        # written by fl.simulate when a run fails
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 ARM_KEYS = ("arm", "+arm", "++arm")

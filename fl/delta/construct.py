@@ -34,7 +34,7 @@ from fl.delta.network import (Branches, DeltaArch, DeltaLossWeights, FusedDelta,
 from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, digest, \
     ensure_pair, predict, server_split, shifted, tensors, train_classifier
 from fl.errors import ConfigError
-from fl.results import atomic_save, atomic_write_text
+from fl.outputs import atomic_save, atomic_write_text
 from fl.threads import central_threads
 
 log = logging.getLogger("fl.delta")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl.errors import ConfigError
-from fl.results import atomic_save, atomic_write_text
+from fl.outputs import atomic_save, atomic_write_text
 from fl.threads import central_threads
 
 log = logging.getLogger("fl.delta")

@@ -29,7 +29,7 @@ from torch import nn
 from fl.delta.pair import (PairSpec, Recipe, accuracy, digest, ensure_pair, pair_directory, predict,
                            server_split, tensors, train_classifier)
 from fl.errors import ConfigError
-from fl.results import atomic_save, atomic_write_text
+from fl.outputs import atomic_save, atomic_write_text
 from fl.threads import central_threads
 from fl.sparsity import apply_mask, erk_budgets, magnitude_masks, prunable_shapes
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from fl.deploy.run_config import compose, log, overrides_from, run_dir_from
 from fl.errors import ConfigError
-from fl.results import ERROR_FILE, write_results
+from fl.outputs import ERROR_FILE, write_results
 from fl.server import run_server
 
 CONFIG_FILE = "config.yaml"

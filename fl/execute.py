@@ -1,8 +1,8 @@
 """Run a configured simulation on one of the two engines and write the run directory.
 
 Run directory contract (README, "Run directory"): ``config.yaml`` (written by ``fl.simulate``),
-TensorBoard event files and ``metrics.jsonl`` (written round by round by ``fl.runlog``), and,
-only when the run completed, ``final_model.pt`` and ``summary.json`` (``fl.results``).
+TensorBoard event files and ``metrics.jsonl`` (written round by round by ``fl.run_logger``), and,
+only when the run completed, ``final_model.pt`` and ``summary.json`` (``fl.outputs``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fl.checkpoint import Checkpoint
 from fl.engine.inprocess import InProcessGrid
 from fl.errors import ConfigError
 from fl.faults import FaultSpec, fault_mod
-from fl.results import write_results
+from fl.outputs import write_results
 from fl.server import RunOutcome, ServerSpec, StopRequest, build_server_app, finish_only, run_server
 from fl.vectorized import unsupported_reason
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fl.hooks import Report
-from fl.results import atomic_write_text
+from fl.outputs import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
