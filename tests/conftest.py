@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -18,3 +20,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_to_closed_streams():
+    """A test that runs ``fl.simulate`` in this process leaves Hydra's log handlers on the streams
+    pytest captured for it, closed once it ends; a later test's log lines would then print
+    ``--- Logging error ---`` tracebacks. Drop such handlers before each test."""
+    loggers = [logging.getLogger(), *(obj for obj in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(obj, logging.Logger))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
