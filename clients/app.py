@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import time
 
-import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.trainer import TRAINER, TRAINERS, ClientEnv, evaluator_for, run_trainer
-from fl.local_training import ClientData
-from fl.message_keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
-from fl.sampling import seed_for
+from fl.message_keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fl.specs import ClientSpec
 
 _first_train_at: list[float] = []  # wall-clock time the first local training of this process began
@@ -32,6 +29,12 @@ _first_train_at: list[float] = []  # wall-clock time the first local training of
 
 def first_train_time() -> float | None:
     return _first_train_at[0] if _first_train_at else None
+
+
+def note_first_train() -> None:
+    """Stamp the wall-clock time this process's first local training begins (once)."""
+    if not _first_train_at:
+        _first_train_at.append(time.time())
 
 
 def build_client_app(spec: ClientSpec | None = None, mods: list | None = None) -> ClientApp:
@@ -47,22 +50,14 @@ def build_client_app(spec: ClientSpec | None = None, mods: list | None = None) -
 
     def environment(msg: Message, context: Context) -> ClientEnv:
         client_spec, plugins = resolve(context)
-        partition = int(context.node_config[PARTITION_ID])
-        federation = client_spec.data.federation()
-        server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))
-        return ClientEnv(spec=client_spec, federation=federation,
-                         data=ClientData(federation.train, federation.client_indices[partition]),
-                         partition_id=partition, server_round=server_round, state=context.state,
-                         generator=torch.Generator().manual_seed(seed_for(client_spec.seed, server_round, partition)),
-                         plugins=plugins)
+        return ClientEnv.for_message(client_spec, msg, context, plugins)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         env = environment(msg, context)
         config = msg.content[CONFIG]
         trainer = TRAINERS.get(str(config.get(TRAINER, "dense")))
-        if not _first_train_at:
-            _first_train_at.append(time.time())
+        note_first_train()
         started = time.perf_counter()
         record, metrics = run_trainer(trainer, msg.content[ARRAYS], config, env)
         metrics["train_seconds"] = time.perf_counter() - started

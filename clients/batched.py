@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import time
 
-import torch
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
-from clients import app as client_app
+from clients.app import note_first_train
 from clients.trainer import TRAINER, ClientEnv, hyper_from
-from fl.local_training import ClientData
-from fl.message_keys import ARRAYS, CODEC, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND, UP_CODEC
+from fl.message_keys import ARRAYS, CODEC, CONFIG, METRICS, NUM_EXAMPLES, UP_CODEC
 from fl.payload import decode_shared, encode_reply, get_codec
-from fl.sampling import seed_for
 from fl.specs import ClientSpec
 from fl.vectorized import train_dense_vectorized
 
@@ -41,7 +38,7 @@ class DenseBatching:
                 and str(message.content[CONFIG].get(TRAINER, "dense")) == "dense")
 
     def __call__(self, work: list[tuple[Message, Context]]) -> list[Message]:
-        envs = [self._environment(msg, context) for msg, context in work]
+        envs = [ClientEnv.for_message(self.spec, msg, context) for msg, context in work]
         calls: dict[tuple, list[int]] = {}
         for i, (msg, _) in enumerate(work):
             config = msg.content[CONFIG]
@@ -53,8 +50,7 @@ class DenseBatching:
             first = work[members[0]][0]
             with envs[members[0]].model() as model:
                 received = decode_shared(get_codec(down), first.content[ARRAYS], model.state_dict())
-                if not client_app._first_train_at:
-                    client_app._first_train_at.append(time.time())
+                note_first_train()
                 started = time.perf_counter()
                 states, metrics = train_dense_vectorized(model, received, [envs[i].data for i in members], hyper,
                                                          [envs[i].generator for i in members])
@@ -65,12 +61,3 @@ class DenseBatching:
                 m.setdefault(NUM_EXAMPLES, len(envs[i].data))
                 replies[i] = Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(m)}), reply_to=work[i][0])
         return replies  # type: ignore[return-value]
-
-    def _environment(self, msg: Message, context: Context) -> ClientEnv:
-        partition = int(context.node_config[PARTITION_ID])
-        federation = self.spec.data.federation()
-        server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))
-        return ClientEnv(spec=self.spec, federation=federation,
-                         data=ClientData(federation.train, federation.client_indices[partition]),
-                         partition_id=partition, server_round=server_round, state=context.state,
-                         generator=torch.Generator().manual_seed(seed_for(self.spec.seed, server_round, partition)))

@@ -24,15 +24,17 @@ from typing import Any, Callable, ContextManager, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.resident import borrowed_model
 from fl.data import client_split
 from fl.hooks import ClientView, Plugin
 from fl.local_training import ClientData, TrainHyper
-from fl.message_keys import BATCH_SIZE, BN_STATS, EPOCHS, LR, MOMENTUM, WEIGHT_DECAY
+from fl.message_keys import (BATCH_SIZE, BN_STATS, CONFIG, EPOCHS, LR, MOMENTUM, PARTITION_ID, SERVER_ROUND,
+                             WEIGHT_DECAY)
 from fl.payload import SliceCodec, get_codec
 from fl.registry import Registry
+from fl.sampling import seed_for
 from fl.specs import ClientSpec
 
 TRAINER = "trainer"  # config key naming the trainer
@@ -96,6 +98,20 @@ class ClientEnv:
     state: RecordDict  # the node's Flower Context.state: persists across rounds on this node
     generator: torch.Generator
     plugins: list[Plugin] = field(default_factory=list)
+
+    @classmethod
+    def for_message(cls, spec: ClientSpec, msg: Message, context: Context,
+                    plugins: list[Plugin] | None = None) -> "ClientEnv":
+        """The environment of the node ``context`` for ``msg``: its partition's data, its persistent
+        state, and the generator seeded from (run seed, round, partition)."""
+        partition = int(context.node_config[PARTITION_ID])
+        federation = spec.data.federation()
+        server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))
+        return cls(spec=spec, federation=federation,
+                   data=ClientData(federation.train, federation.client_indices[partition]),
+                   partition_id=partition, server_round=server_round, state=context.state,
+                   generator=torch.Generator().manual_seed(seed_for(spec.seed, server_round, partition)),
+                   plugins=list(plugins or []))
 
     @property
     def view(self) -> ClientView:
