@@ -176,6 +176,10 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
                           updates: Sequence["Update"]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         raise NotImplementedError
 
+    def client_metrics(self, updates: Sequence["Update"]) -> MetricRecord | None:
+        """The sound updates' training metrics, averaged by Flower's ``train_metrics_aggr_fn``."""
+        return self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
+
     def aggregate_evaluations(self, server_round: int, replies: Sequence[Message]) -> MetricRecord | None:
         return self.evaluate_metrics_aggr_fn([reply.content for reply in replies], self.weighted_by_key)
 

@@ -135,7 +135,7 @@ class DeltaFactorized(FederatedStrategy):
                           updates: Sequence[Update]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         uploads = [u.content for u in updates]
         self.global_state = self.server_update(server_round, uploads)
-        metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
+        metrics = self.client_metrics(updates)
         metrics.pop(TIER_WIDTH, None)
         for width in self.tiers:
             metrics[f"{width_key(width)}/clients"] = sum(self.width_of(u.partition) == width for u in uploads)

@@ -41,7 +41,7 @@ class FedAvg(FederatedStrategy):
                           updates: Sequence[Update]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         states, weights = self.decode_replies(updates)
         new_state = self.server_update(server_round, states, weights)
-        metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
+        metrics = self.client_metrics(updates)
         return ArrayRecord(new_state), metrics
 
     def server_update(self, server_round: int, states: Sequence[State], weights: Sequence[float]) -> State:

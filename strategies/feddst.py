@@ -154,7 +154,7 @@ class FedDST(FedAvg):
         if changed:
             self.mask_version += 1
         self.mask = new_mask
-        metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
+        metrics = self.client_metrics(updates)
         masked = sum(m.numel() for m in self.mask.values())
         for key, value in {**self._round_info, "feddst/global_mask_changed": changed,
                            "feddst/mask_version": self.mask_version,

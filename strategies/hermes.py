@@ -103,7 +103,7 @@ class Hermes(FederatedStrategy):
         for upload in uploads:
             self.masks[upload.partition] = upload.keep
             self.personal[upload.partition] = upload.blocks
-        metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
+        metrics = self.client_metrics(updates)
         metrics["kept_share_all_clients"] = self.kept_share()
         return ArrayRecord(self.global_state), metrics
 
