@@ -8,8 +8,8 @@ the same received weights (``fl.payload.decode_shared``), training by
 reply encoding (``encode_reply`` with the message's up codec and the node's state) and the same
 metric keys (``train_loss``, ``train_accuracy``, ``train_seconds``, ``num-examples``). Messages
 that share the received record, codecs and hyper-parameters train as one call; ``train_seconds``
-is each client's share of that call. Runs with plugins are not batched (their client hooks see one
-model at a time): ``batchable`` says no and the engine delivers those messages one by one.
+is each client's share of that call. Runs with plugins or faults get no batch handler
+(``fl.execute.batches_clients``): their client hooks and mods see one message at a time.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class DenseBatching:
         self.size = size
 
     def batchable(self, message: Message) -> bool:
-        return (not self.spec.plugins and message.metadata.message_type == MessageType.TRAIN
+        return (message.metadata.message_type == MessageType.TRAIN
                 and str(message.content[CONFIG].get(TRAINER, "dense")) == "dense")
 
     def __call__(self, work: list[tuple[Message, Context]]) -> list[Message]:

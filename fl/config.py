@@ -26,10 +26,11 @@ from fl.clock import clock_spec
 from fl.errors import ConfigError
 from fl.faults import HOSTILE_KINDS, FaultSpec
 from fl.hooks import PLUGINS
+from fl.execute import EngineSpec, batches_clients
 from fl.local_training import TrainHyper
-from fl.execute import EngineSpec
 from fl.server import ServerSpec
 from fl.specs import ClientSpec, DataSpec, ModelSpec, PluginSpec, freeze
+from fl.vectorized import unsupported_reason
 import plugins as _shipped_plugins  # noqa: F401  (declares the shipped plugins' names)
 from strategies import STRATEGIES, FederatedStrategy
 from strategies.base import RobustBounds
@@ -134,6 +135,8 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
                                          f"({str(exc).splitlines()[0]}); lower num_clients or the data size "
                                          "per client (data.samples_per_client for synthetic)") from None
     probe = model.build_for(federation)  # fails here, not in a worker, on a bad model option
+    if batches_clients(engine, client, faults) and (reason := unsupported_reason(probe)) is not None:
+        raise ConfigError("engine.batch_clients", f"model {model.name}: {reason}; set engine.batch_clients=0")
     clock = None
     if (c.get("device") or {}).get("profiles"):
         from fl.models import model_profile

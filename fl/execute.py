@@ -18,11 +18,10 @@ from clients.app import build_client_app, first_train_time
 from clients.batched import DenseBatching
 from fl.checkpoint import Checkpoint
 from fl.engine.inprocess import InProcessGrid
-from fl.errors import ConfigError
 from fl.faults import FaultSpec, fault_mod
 from fl.outputs import write_results
 from fl.server import RunOutcome, ServerSpec, StopRequest, build_server_app, finish_only, run_server
-from fl.vectorized import unsupported_reason
+from fl.specs import ClientSpec
 
 
 @dataclass(frozen=True)
@@ -37,16 +36,16 @@ class EngineSpec:
     verbose: bool = False
 
 
+def batches_clients(engine: EngineSpec, client: ClientSpec, faults: FaultSpec | None) -> bool:
+    """Whether the in-process engine trains dense clients as one vmap (``engine.batch_clients`` > 1):
+    not with plugins or active faults, whose client hooks and mods see one message at a time."""
+    return engine.batch_clients > 1 and not client.plugins and not (faults is not None and faults.active)
+
+
 def client_batching(spec: ServerSpec, engine: EngineSpec, faults: FaultSpec | None) -> DenseBatching | None:
-    """The in-process engine's vectorized dense clients (``engine.batch_clients``), or None when off
-    or when the run has plugins or faults (whose client hooks and mods see one message at a time)."""
-    if engine.batch_clients <= 1 or spec.client.plugins or (faults is not None and faults.active):
-        return None
-    fed = spec.client.data.federation()
-    reason = unsupported_reason(spec.client.model.build_for(fed))
-    if reason is not None:
-        raise ConfigError("engine.batch_clients", f"model {spec.client.model.name}: {reason}; set engine.batch_clients=0")
-    return DenseBatching(spec.client, engine.batch_clients)
+    """The in-process engine's vectorized dense clients, or None (``batches_clients``); whether the
+    model allows them is checked with the config (``fl.config``)."""
+    return DenseBatching(spec.client, engine.batch_clients) if batches_clients(engine, spec.client, faults) else None
 
 
 def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None = None,

@@ -184,3 +184,16 @@ def test_batch_clients_on_ray_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^engine.batch_clients: vectorized clients run on engine=inprocess only"):
         build(compose_config(["engine=ray", "engine.batch_clients=4"]), str(tmp_path))
+
+
+def test_a_model_vectorized_clients_cannot_train_is_refused_with_the_config(tmp_path):
+    """Dropout draws from the global stream: refused before any work, naming the key."""
+    from fl.config import build
+    from fl.errors import ConfigError
+    from tests.helpers import SMALL, SMALL_SYNTHETIC, compose_config
+
+    cfg = compose_config(SMALL + SMALL_SYNTHETIC + ["model=mobilenetv2_035", "engine.batch_clients=2"])
+    with pytest.raises(ConfigError, match=r"^engine.batch_clients: model mobilenetv2_035: layer 'dropout' \(Dropout\)"):
+        build(cfg, str(tmp_path))
+    build(compose_config(SMALL + SMALL_SYNTHETIC + ["model=mobilenetv2_035", "engine.batch_clients=2",
+                                                    "plugins=[update_norms]"]), str(tmp_path))  # not batched: accepted
