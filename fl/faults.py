@@ -17,6 +17,7 @@ the trainers and everything a real SuperNode runs stay untouched; the simulator 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -51,10 +52,7 @@ class FaultSpec:
 
     def is_hostile(self, partition: int, num_partitions: int) -> bool:
         """Exactly round(hostile * N) of the N partitions, the same ones in every round."""
-        if self.hostile <= 0:
-            return False
-        order = np.random.default_rng([self.seed, _HOSTILE_STREAM]).permutation(num_partitions)
-        return partition in set(order[:round(self.hostile * num_partitions)].tolist())
+        return self.hostile > 0 and partition in _hostile_partitions(self.seed, self.hostile, num_partitions)
 
     def draw(self, server_round: int, partition: int) -> dict[str, float]:
         u = np.random.default_rng([self.seed, _FAULT_STREAM, server_round, partition]).random(5)
@@ -102,6 +100,13 @@ def _with_nan(record: ArrayRecord) -> ArrayRecord:
             arrays[name] = value
             break
     return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+
+
+@functools.lru_cache(maxsize=8)
+def _hostile_partitions(seed: int, share: float, num_partitions: int) -> frozenset[int]:
+    """The hostile partitions of a run, drawn once per process rather than on every message."""
+    order = np.random.default_rng([seed, _HOSTILE_STREAM]).permutation(num_partitions)
+    return frozenset(order[:round(share * num_partitions)].tolist())
 
 
 def _huge(record: ArrayRecord) -> ArrayRecord:
