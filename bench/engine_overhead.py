@@ -32,22 +32,13 @@ import time
 from pathlib import Path
 
 import psutil
+from process_memory import tree_memory  # bench/, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {10: 1.0, 100: 0.8, 1000: 0.1}  # the workloads: N=10 all, N=100 80%, N=1000 100/round
 # The workload, which bench/plain_loop.py runs with the same settings.
 WORKLOAD = ["train.epochs=1", "train.batch_size=32", "train.lr=0.05", "train.momentum=0.0", "checkpoint_every=0",
             "data.partition.name=shards", "++data.partition.classes_per_client=3"]
-
-
-def tree_pss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
@@ -60,7 +51,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], tree_pss(ps))
+            peak[0] = max(peak[0], tree_memory(ps, "pss"))
             done.wait(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import psutil
+from process_memory import tree_memory  # bench/, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (10_000, 100_000, 1_000_000)
@@ -40,16 +41,6 @@ PER_ROUND = 100
 ROUNDS = 3
 # The tiny model of the issue ("a 10k-parameter model"): 10,226 parameters on 32x32x3, 10 classes.
 WORKLOAD = ["++model.width=0.25", "++model.hidden=8", "progress=false"]
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
 
 
 def run_size(n: int, tree: Path, work: Path, max_gib: float | None) -> dict:
@@ -71,7 +62,7 @@ def run_size(n: int, tree: Path, work: Path, max_gib: float | None) -> dict:
             sys.exit(f"lost the benchmark process of N={n}")
         if pid:
             break
-        if max_gib is not None and not stopped and tree_rss(ps) > max_gib * 2**30:
+        if max_gib is not None and not stopped and tree_memory(ps, "rss") > max_gib * 2**30:
             stopped = True
             for child in ps.children(recursive=True):
                 child.kill()

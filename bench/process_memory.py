@@ -1,0 +1,18 @@
+"""Memory of a process and its children, for the benchmarks that watch a run in a subprocess."""
+
+from __future__ import annotations
+
+import psutil
+
+
+def tree_memory(proc: psutil.Process, measure: str = "rss") -> int:
+    """Bytes of ``measure`` summed over ``proc`` and its descendants: ``rss``, or ``pss`` (shared
+    pages split among the processes that map them, so a tree is not counted twice)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            info = p.memory_full_info() if measure == "pss" else p.memory_info()
+            total += getattr(info, measure)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
