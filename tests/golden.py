@@ -19,7 +19,7 @@ from tests.helpers import run_inprocess
 
 RESULTS = Path(__file__).with_name("golden_results.json")
 ROUNDS = ["rounds=3", "seed=0"]
-TINY_DELTA = ["model.pair.server_samples=48", "model.pair.base.name=vgg8", "model.pair.base.width=0.125",
+TINY_DELTA = ["model.pair.server_samples=48", "model.pair.server_difficulty=null", "model.pair.base.name=vgg8", "model.pair.base.width=0.125",
               "+model.pair.edge.width=0.25", "+model.pair.edge.hidden=16", "model.pair.base_recipe.epochs=1",
               "model.pair.edge_recipe.epochs=1", "model.construction.extract.epochs=1",
               "model.construction.extract.finetune.epochs=0", "model.construction.train.epochs=1",

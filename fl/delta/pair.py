@@ -90,8 +90,9 @@ class PairSpec:
             raise ConfigError(f"{prefix}.server_samples", f"must be >= 1, got {spec.server_samples}")
         if spec.server_difficulty is not None and (spec.data.get("name") != "synthetic"
                                                    or not _in_unit_interval(spec.server_difficulty)):
-            raise ConfigError(f"{prefix}.server_difficulty", f"a difficulty in [0, 1] for synthetic data, or null; "
-                                                             f"got {spec.server_difficulty!r}")
+            raise ConfigError(f"{prefix}.server_difficulty",
+                              f"a difficulty in [0, 1] for synthetic data, or null (data={spec.data.get('name')}: "
+                              f"add {prefix}.server_difficulty=null); got {spec.server_difficulty!r}")
         return spec
 
     @staticmethod
