@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl.batchnorm import BN_STATS
 from fl.clock import clock_spec
+from fl.compute import resolve_compute
 from fl.errors import ConfigError
 from fl.faults import HOSTILE_KINDS, FaultSpec
 from fl.hooks import PLUGINS
@@ -43,7 +44,7 @@ _DATA_KEYS = ("name", "root", "partition")
 # The keys the run reads (a Hydra config group or a section of config.yaml); any other is refused.
 KEYS = ("seed", "num_clients", "fraction_fit", "fraction_evaluate", "min_fit_clients", "min_evaluate_clients", "rounds",
         "eval_every", "round_timeout", "checkpoint_every", "keep_checkpoint", "resume", "train", "codec", "faults", "robust",
-        "ray", "plugins", "tensorboard", "progress", "verbose", "strategy", "data", "model", "engine", "device")
+        "ray", "plugins", "tensorboard", "progress", "verbose", "strategy", "data", "model", "engine", "device", "compute")
 SECTION_KEYS = {
     "train": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "bn_stats"),
     "codec": ("down", "up"),
@@ -62,6 +63,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(str(key), f"{str(exc).splitlines()[0]}; fix the value or the ${{...}} it refers to") from None
     _known_keys(c)
+    compute = _compute(c)
     seed = _int(c, "seed", minimum=0)
     num_clients = _int(c, "num_clients", minimum=1)
     rounds = _int(c, "rounds", minimum=1)
@@ -126,7 +128,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
     plugins = tuple(_plugin_spec(name, pc) for name, pc in (c.get("plugins") or {}).items())
     for plugin in plugins:
         plugin.build()  # a plugin refusing its options stops here (ConfigError naming it), before any work
-    client = ClientSpec(data=data, model=model, seed=seed, plugins=plugins)
+    client = ClientSpec(data=data, model=model, seed=seed, plugins=plugins, compute=compute)
 
     try:
         federation = data.federation()  # builds (and validates) the data once, before any round
@@ -293,6 +295,15 @@ def _number(c: Mapping[str, Any], key: str, kind: type, prefix: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
         raise ConfigError(prefix + key, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     return kind(value)
+
+
+def _compute(c: Mapping[str, Any]) -> str:
+    """``compute``: auto (also when absent, e.g. a run directory's config from before the key),
+    cpu, cuda or cuda:N, resolved on this machine now (``fl.compute``), so that a GPU it does not
+    have stops the run before any work."""
+    value = c.get("compute", "auto")
+    resolve_compute(value)
+    return str(value).strip().lower()
 
 
 def _batch_clients(e: Mapping[str, Any], engine_name: str) -> int:

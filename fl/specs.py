@@ -113,6 +113,7 @@ class ClientSpec:
     model: ModelSpec
     seed: int = 0
     plugins: tuple[PluginSpec, ...] = field(default_factory=tuple)
+    compute: str = "auto"  # the compute device key, resolved where the client runs (fl.compute)
 
     RUN_CONFIG_KEY = "fl-client-spec"
 
@@ -133,6 +134,7 @@ class ClientSpec:
             model=ModelSpec(raw["model"]["name"], freeze(raw["model"]["options"])),
             seed=int(raw["seed"]),
             plugins=tuple(PluginSpec(p["name"], p["target"], freeze(p["options"])) for p in raw["plugins"]),
+            compute=str(raw.get("compute", "auto")),
         )
 
 
@@ -150,4 +152,5 @@ def _to_jsonable(spec: ClientSpec) -> dict[str, Any]:
         "model": {"name": spec.model.name, "options": thaw(spec.model.options)},
         "seed": spec.seed,
         "plugins": [{"name": p.name, "target": p.target, "options": thaw(p.options)} for p in spec.plugins],
+        "compute": spec.compute,
     }
