@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.trainer import ClientEnv, Session, hyper_from, register_trainer
 from fl.batchnorm import smallest_batch
+from fl.compute import model_device, to_cpu
 from fl.local_training import batch_bounds, statistics_after, statistics_before
 from fl.message_keys import CODEC, UP_CODEC
 from fl.payload import (decode_shared, decode_tensors, encode_features, encode_reply, encode_tensors, get_codec)
@@ -74,7 +75,7 @@ def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterat
             agile = AgileLoss(agile_hyper(config), env.federation.num_classes)
             probe = int(config.get(PROBE, 0))
             if probe > 0:
-                batches = [b for _, b in zip(range(probe), env.data.batches(hyper.batch_size, None))]
+                batches = [b for _, b in zip(range(probe), env.data.batches(hyper.batch_size, None, device=env.device))]
                 overhead = step_overhead(model, batches, agile, hyper)
             before = statistics_before(model, env.data, hyper)  # extractor, local and remote heads (not the frozen reference)
             metrics = train_epochs(model, env.data, hyper, env.generator, agile)
@@ -84,7 +85,7 @@ def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterat
             return metrics
 
         up = get_codec(str(config.get(UP_CODEC, "dense_fp32")))
-        yield Session(model, train, reply=lambda: encode_reply(up, model.state_dict(), received, env.state))
+        yield Session(model, train, reply=lambda: encode_reply(up, to_cpu(model.state_dict()), received, env.state))
 
 
 def selection_statistics(model: AgileNet, env: ClientEnv, batch_size: int = 256) -> dict[str, float]:
@@ -94,12 +95,12 @@ def selection_statistics(model: AgileNet, env: ClientEnv, batch_size: int = 256)
     model.eval()
     counts = torch.zeros(model.channels, dtype=torch.int64)
     values = []
-    for x, y in env.data.batches(batch_size, None):
+    for x, y in env.data.batches(batch_size, None, device=model_device(model)):
         with torch.no_grad():
             f = model.extractor(x)
         importance = agile.importance(model, f, y, create_graph=False).detach()
-        counts += topk_counts(importance, model.k)
-        values.append(f.flatten())
+        counts += topk_counts(importance, model.k).cpu()
+        values.append(f.flatten().cpu())
     levels = model.quantizer.levels
     quantiles = torch.quantile(torch.cat(values)[:1_000_000], torch.linspace(0.5 / levels, 1 - 0.5 / levels, levels))
     return {**{f"{COUNT_PREFIX}{c}": float(n) for c, n in enumerate(counts)},
@@ -140,14 +141,14 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
             env.state[_RECEIVED] = ArrayRecord({k: v.contiguous() for k, v in received.items()})
             before = statistics_before(model, env.data, hyper, model.local_logits)
             if before:
-                env.state[_BN] = ArrayRecord({k: v.contiguous() for k, v in before.items()})
+                env.state[_BN] = ArrayRecord({k: v.contiguous() for k, v in to_cpu(before).items()})
         else:
             model.load_state_dict(env.state[_STATE].to_torch_state_dict(), strict=False)
             if hyper.momentum > 0 and _MOMENTUM in env.state:
                 buffers = env.state[_MOMENTUM].to_torch_state_dict()
                 for n in trainable:
                     if n in buffers:
-                        optimizer.state[params[n]]["momentum_buffer"] = buffers[n]
+                        optimizer.state[params[n]]["momentum_buffer"] = buffers[n].to(params[n].device)
         last = step >= len(batches)  # all batches done: this exchange uploads the device part for FedAvg
         forwarded: list[ArrayRecord] = []
 
@@ -158,20 +159,20 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
                 statistics_after(model, env.data, hyper, before, model.local_logits)
                 return {**metrics, DONE: 1.0}
             forwarded.append(forward_batch(model, batches[step], env))  # the next batch's remote features
-            env.state[_STATE] = ArrayRecord({n: t.detach().clone().contiguous() for n, t in model.state_dict().items()
-                                             if n in names})
+            env.state[_STATE] = ArrayRecord({n: t.detach().cpu().clone().contiguous()
+                                             for n, t in model.state_dict().items() if n in names})
             momentum = {n: optimizer.state[params[n]]["momentum_buffer"] for n in trainable
                         if optimizer.state.get(params[n], {}).get("momentum_buffer") is not None}
             if momentum:
-                env.state[_MOMENTUM] = ArrayRecord({n: b.contiguous() for n, b in momentum.items()})
+                env.state[_MOMENTUM] = ArrayRecord({n: b.contiguous() for n, b in to_cpu(momentum).items()})
             return {**metrics, LAST: float(step == len(batches) - 1), "num-examples": len(batches[step])}
 
         def reply() -> ArrayRecord:
             if not last:
                 return forwarded[0]
-            device = {n: t for n, t in model.state_dict().items() if n in names}
+            device_part = to_cpu({n: t for n, t in model.state_dict().items() if n in names})
             received = env.state[_RECEIVED].to_torch_state_dict()
-            record = encode_reply(get_codec(str(config.get(UP_CODEC, "dense_fp32"))), device, received, env.state)
+            record = encode_reply(get_codec(str(config.get(UP_CODEC, "dense_fp32"))), device_part, received, env.state)
             for key in (_STATE, _MOMENTUM, _RECEIVED, _BN):
                 env.state.pop(key, None)
             return record
@@ -182,7 +183,7 @@ def split_exchange(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
 def forward_batch(model: AgileNet, indices: np.ndarray, env: ClientEnv) -> ArrayRecord:
     """The batch's coded remote features, local logits, labels and w; BatchNorm statistics are
     left as they were (the batch's forward pass is recomputed with gradients next exchange)."""
-    x, y = env.data.images.get(indices)
+    x, y = (t.to(model_device(model)) for t in env.data.images.get(indices))
     model.train()
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     with torch.no_grad():
@@ -191,7 +192,7 @@ def forward_batch(model: AgileNet, indices: np.ndarray, env: ClientEnv) -> Array
         record = encode_features(model.quantizer.indices(f[:, model.k:]), model.quantizer.codebook())
     for n, b in model.named_buffers():
         b.copy_(buffers[n])
-    extra = encode_tensors({LOCAL: local, LABELS: y, ALPHA_W: model.alpha_w.detach().reshape(1)})
+    extra = encode_tensors(to_cpu({LOCAL: local, LABELS: y, ALPHA_W: model.alpha_w.detach().reshape(1)}))
     for name, array in extra.items():
         record[name] = array
     return record
@@ -202,8 +203,9 @@ def apply_server_gradients(model: AgileNet, optimizer: torch.optim.Optimizer, in
     """Backward through the device part: the server's gradients of lambda * CE on the local
     logits, the (dequantized) remote features and w, plus (1 - lambda)(skewness + disorder)."""
     hyper = agile_hyper(config)
-    x, y = env.data.images.get(indices)
-    grads = decode_tensors(arrays, [GRAD_FEATURES, GRAD_LOCAL, GRAD_ALPHA])
+    device = model_device(model)
+    x, y = (t.to(device) for t in env.data.images.get(indices))
+    grads = {name: g.to(device) for name, g in decode_tensors(arrays, [GRAD_FEATURES, GRAD_LOCAL, GRAD_ALPHA]).items()}
     model.train()
     optimizer.zero_grad(set_to_none=True)
     agile = AgileLoss(hyper, env.federation.num_classes)
@@ -213,7 +215,8 @@ def apply_server_gradients(model: AgileNet, optimizer: torch.optim.Optimizer, in
     local = model.local(f[:, :model.k])
     q = model.quantizer(f[:, model.k:])
     torch.autograd.backward([regularizer, local, q, model.alpha_w],
-                            [torch.ones(()), grads[GRAD_LOCAL], grads[GRAD_FEATURES], grads[GRAD_ALPHA].reshape(())])
+                            [torch.ones((), device=device), grads[GRAD_LOCAL], grads[GRAD_FEATURES],
+                             grads[GRAD_ALPHA].reshape(())])
     optimizer.step()
     with torch.no_grad():
         return {"skewness": float(skewness(importance, model.k).mean()),

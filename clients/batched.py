@@ -20,6 +20,7 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients.app import note_first_train
 from clients.trainer import TRAINER, ClientEnv, hyper_from
+from fl.compute import to_cpu
 from fl.message_keys import ARRAYS, CODEC, CONFIG, METRICS, NUM_EXAMPLES, UP_CODEC
 from fl.payload import decode_shared, encode_reply, get_codec
 from fl.specs import ClientSpec
@@ -56,7 +57,7 @@ class DenseBatching:
                                                          [envs[i].generator for i in members])
                 seconds = (time.perf_counter() - started) / len(members)
             for i, state, m in zip(members, states, metrics):
-                record = encode_reply(get_codec(up), state, received, envs[i].state)
+                record = encode_reply(get_codec(up), to_cpu(state), received, envs[i].state)
                 m["train_seconds"] = seconds
                 m.setdefault(NUM_EXAMPLES, len(envs[i].data))
                 replies[i] = Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(m)}), reply_to=work[i][0])

@@ -32,6 +32,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from fl.compute import model_device
 from fl.payload import Keep, State, keep_coordinates, sliced_dims
 
 ChannelMasks = dict[str, Tensor]  # root layer name -> bool[dense output channels]; False = pruned
@@ -121,7 +122,7 @@ class ChannelPruner:
                                             list(range(kept)))
             with torch.no_grad():
                 scores = importance(group)
-            lowest = torch.argsort(scores.float(), stable=True)[:amount]
+            lowest = torch.argsort(scores.float().cpu(), stable=True)[:amount]  # the masks live on the CPU
             out[name][mask.nonzero().reshape(-1)[lowest]] = False
         return out
 
@@ -142,7 +143,8 @@ class ChannelPruner:
         training = model.training
         model.eval()  # tracing must not move BatchNorm's running statistics
         try:
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example.to(model_device(model)),
+                                                         verbose=False)
         finally:
             model.train(training)
 

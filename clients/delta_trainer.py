@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.resident import borrowed_model
 from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer, slice_codec_from
+from fl.compute import model_device, to_cpu
 from fl.delta.network import DeltaArch, FusedDelta, fnc_loss, fuse, group_lasso
 from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE,
                              VAL_FRACTION, WIDTH, WITH_FROZEN, download_layout, is_frozen, same_keep,
@@ -61,7 +62,7 @@ class DeltaClientSettings:
 def delta(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator[Session]:
     s = DeltaClientSettings.from_config(config)
     full = template_state(s.arch_json)
-    with tier_model(s) as model:
+    with tier_model(s, env.device) as model:
         # 1-2. the width-w fused model with E and the classifier this node holds
         model.load_state_dict(receive(arrays, config, env, s, full))
         train_data, _ = env.local_splits(s.val_fraction)
@@ -74,7 +75,7 @@ def delta(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator
         def reply() -> ArrayRecord:
             # 4. upload the width-w blocks (+ E on edge rounds)
             reference, keep = upload_layout(full, s.arch_json, s.width, s.train_edge)
-            state = model.state_dict()
+            state = to_cpu(model.state_dict())
             return slice_codec_from(config, UP_CODEC, NAME).encode_slices({name: state[name] for name in reference}, keep)
 
         yield Session(model, train, reply)
@@ -85,7 +86,7 @@ def delta_evaluate(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
     """The received width-w fused model on this client's held-out split."""
     s = DeltaClientSettings.from_config(config)
     full = template_state(s.arch_json)
-    with tier_model(s) as model:
+    with tier_model(s, env.device) as model:
         model.load_state_dict(receive(arrays, config, env, s, full))
         _, held_out = env.local_splits(s.val_fraction)
         return {**evaluate(model, held_out), TIER_WIDTH: s.width, NUM_EXAMPLES: len(held_out)}
@@ -122,9 +123,10 @@ def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: De
         model.edge.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=hyper.lr, momentum=hyper.momentum, weight_decay=hyper.weight_decay)
+    device = model_device(model)
     loss_sum, correct, seen = 0.0, 0, 0
     for _ in range(hyper.epochs):
-        for x, y in data.batches(hyper.batch_size, generator):
+        for x, y in data.batches(hyper.batch_size, generator, device=device):
             if s.train_edge:
                 parts = model.branches(x)
             else:
@@ -149,11 +151,11 @@ def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: De
 
 # -- helpers -------------------------------------------------------------------------------------------------
 
-def tier_model(s: DeltaClientSettings):
-    """A resident width-w fused model (weights are whatever the last user left: load them)."""
+def tier_model(s: DeltaClientSettings, device: torch.device):
+    """A resident width-w fused model on ``device`` (weights are whatever the last user left: load them)."""
     arch = DeltaArch.from_json(s.arch_json)
     tier = arch if s.width == 1.0 else arch.scaled(s.width)
-    return borrowed_model((NAME, s.arch_json, s.width), lambda: FusedDelta(tier))
+    return borrowed_model((NAME, s.arch_json, s.width, str(device)), lambda: FusedDelta(tier).to(device))
 
 
 __all__ = ["NAME", "DeltaClientSettings", "delta", "delta_evaluate", "receive", "train_fused"]

@@ -9,6 +9,7 @@ from typing import Iterator
 from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer
+from fl.compute import to_cpu
 from fl.local_training import evaluate, train_dense
 from fl.message_keys import CODEC, UP_CODEC
 from fl.payload import decode_shared, encode_reply, get_codec
@@ -22,7 +23,7 @@ def dense(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator
         model.load_state_dict(received)
         up = get_codec(str(config.get(UP_CODEC, "dense_fp32")))
         yield Session(model, train=lambda: train_dense(model, env.data, hyper_from(config), env.generator),
-                      reply=lambda: encode_reply(up, model.state_dict(), received, env.state))
+                      reply=lambda: encode_reply(up, to_cpu(model.state_dict()), received, env.state))
 
 
 @register_evaluator("dense")

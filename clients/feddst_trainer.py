@@ -37,6 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from clients.trainer import ClientEnv, Session, hyper_from, register_trainer
 from fl.batchnorm import smallest_batch
+from fl.compute import model_device, to_cpu
 from fl.local_training import ClientData, TrainHyper, local_sgd, statistics_after, statistics_before
 from fl.message_keys import CODEC, UP_CODEC
 from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap
@@ -83,7 +84,8 @@ def masked(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterato
             return {**metrics, MASK_VERSION: version, MASK_HAMMING: hamming}
 
         # -- upload (the readjusted mask with its bitmap on a readjustment round) -------------
-        yield Session(model, train, reply=lambda: up.encode_masked(model.state_dict(), uploaded, with_bitmap=alpha > 0))
+        yield Session(model, train,
+                      reply=lambda: up.encode_masked(to_cpu(model.state_dict()), uploaded, with_bitmap=alpha > 0))
 
 
 # -- local training under a mask ----------------------------------------------------------------
@@ -110,10 +112,11 @@ def train_masked(model: nn.Module, data: ClientData, hyper: TrainHyper, generato
     before = statistics_before(model, data, hyper)
     model.train()
     optimizer = local_sgd(model, hyper)
+    device = model_device(model)
     loss_sum, correct, seen = 0.0, 0, 0
     for epoch in range(hyper.epochs):
         last = epoch == hyper.epochs - 1
-        for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model)):
+        for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model), device=device):
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -153,22 +156,24 @@ def readjust_count(alpha: float, active: int, total: int) -> int:
 @torch.no_grad()
 def readjust_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], gradient: Mapping[str, torch.Tensor],
                    alpha: float) -> Masks:
-    """Prune n_l smallest-|w| active weights, grow n_l largest-|g| formerly inactive positions (at 0)."""
+    """Prune n_l smallest-|w| active weights, grow n_l largest-|g| formerly inactive positions (at 0).
+    The choice is made on the CPU, where the masks live (the weights may be on the compute device)."""
     params = dict(model.named_parameters())
     out: Masks = {}
     for name, mask in masks.items():
-        weight, flat_mask = params[name].view(-1), mask.reshape(-1).to(torch.bool)
+        weight, flat_mask = params[name].view(-1), mask.reshape(-1).to(torch.bool).cpu()
         active = flat_mask.nonzero().squeeze(1)
         inactive = (~flat_mask).nonzero().squeeze(1)
         n = readjust_count(alpha, len(active), flat_mask.numel())
         new = flat_mask.clone()
         if n > 0:
-            pruned = active[torch.sort(weight[active].abs(), stable=True).indices[:n]]
-            grown = inactive[torch.sort(gradient[name].reshape(-1)[inactive].abs(), descending=True, stable=True).indices[:n]]
+            values, grads = weight.detach().cpu(), gradient[name].reshape(-1).cpu()
+            pruned = active[torch.sort(values[active].abs(), stable=True).indices[:n]]
+            grown = inactive[torch.sort(grads[inactive].abs(), descending=True, stable=True).indices[:n]]
             new[pruned] = False
             new[grown] = True
-            weight[pruned] = 0.0
-            weight[grown] = 0.0
+            weight[pruned.to(weight.device)] = 0.0
+            weight[grown.to(weight.device)] = 0.0
         out[name] = new.reshape(mask.shape)
     return out
 

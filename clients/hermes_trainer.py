@@ -34,6 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.channels import ChannelPruner, pruned_fraction
 from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer, slice_codec_from
+from fl.compute import to_cpu
 from fl.errors import ConfigError
 from fl.local_training import evaluate, train_dense
 from fl.message_keys import CODEC, NUM_EXAMPLES, UP_CODEC
@@ -87,8 +88,8 @@ def hermes(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterato
     # 1. the client's own sub-network, physically pruned
     blocks, keep = slice_codec_from(config, CODEC, "hermes").decode_slices(arrays, pruner.reference)
     masks = pruner.masks_of(keep)
-    model, graph = pruner.build(masks)
-    model.load_state_dict(blocks)
+    model, graph = pruner.build(masks)  # pruned on the CPU, then trained on the compute device
+    model.to(env.device).load_state_dict(blocks)
     train_data, held_out = env.local_splits(settings.val_fraction)
     new_keep = keep  # step 4 may prune further
 
@@ -110,7 +111,7 @@ def hermes(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterato
 
     def reply() -> ArrayRecord:
         # 5. upload the kept channels of the trained model
-        upload = slice_state(model.state_dict(), relative_keep(keep, new_keep))
+        upload = slice_state(to_cpu(model.state_dict()), relative_keep(keep, new_keep))
         return slice_codec_from(config, UP_CODEC, "hermes").encode_slices(upload, new_keep)
 
     yield Session(model, train, reply)
@@ -123,7 +124,7 @@ def hermes_evaluate(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -
     pruner = channel_pruner(env)
     blocks, keep = slice_codec_from(config, CODEC, "hermes").decode_slices(arrays, pruner.reference)
     model, _ = pruner.build(pruner.masks_of(keep))
-    model.load_state_dict(blocks)
+    model.to(env.device).load_state_dict(blocks)
     _, held_out = env.local_splits(settings.val_fraction)
     return {**evaluate(model, held_out), PRUNED_FRACTION: pruned_fraction(pruner.masks_of(keep)),
             NUM_EXAMPLES: len(held_out)}

@@ -12,7 +12,8 @@ Evaluate messages name the trainer the same way: a trainer that needs its own ev
 architecture, a personal split) registers an evaluator ``(arrays, config, env) -> metrics`` under
 the same name; other names are evaluated densely. A trainer knows nothing of Flower's transport,
 Ray or the engine: ``ClientEnv`` hands it the client's data, its persistent state, a seeded
-generator and a resident model.
+generator and a resident model on the run's compute device (``fl.compute``: ``env.device``; the
+trainer loads the received CPU tensors into it and encodes its reply from ``fl.compute.to_cpu``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn as nn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.resident import borrowed_model
+from fl.compute import resolve_compute
 from fl.data import client_split
 from fl.hooks import ClientView, Plugin
 from fl.local_training import ClientData, TrainHyper
@@ -98,12 +100,14 @@ class ClientEnv:
     state: RecordDict  # the node's Flower Context.state: persists across rounds on this node
     generator: torch.Generator
     plugins: list[Plugin] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")  # where this node computes (the run's ``compute``, resolved here)
 
     @classmethod
     def for_message(cls, spec: ClientSpec, msg: Message, context: Context,
                     plugins: list[Plugin] | None = None) -> "ClientEnv":
         """The environment of the node ``context`` for ``msg``: its partition's data, its persistent
-        state, and the generator seeded from (run seed, round, partition)."""
+        state, the generator seeded from (run seed, round, partition) and the compute device
+        (``spec.compute`` resolved in this process: the node's own GPU, if any, for ``auto``)."""
         partition = int(context.node_config[PARTITION_ID])
         federation = spec.data.federation()
         server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))
@@ -111,7 +115,7 @@ class ClientEnv:
                    data=ClientData(federation.train, federation.client_indices[partition]),
                    partition_id=partition, server_round=server_round, state=context.state,
                    generator=torch.Generator().manual_seed(seed_for(spec.seed, server_round, partition)),
-                   plugins=list(plugins or []))
+                   plugins=list(plugins or []), device=resolve_compute(spec.compute))
 
     @property
     def view(self) -> ClientView:
@@ -119,10 +123,10 @@ class ClientEnv:
 
     @contextmanager
     def model(self) -> Iterator[nn.Module]:
-        """A resident instance of the run's model (weights are whatever the last user left)."""
+        """A resident instance of the run's model on ``device`` (weights are whatever the last user left)."""
         fed = self.federation  # the same model spec builds different shapes for different data
-        key = (self.spec.model, fed.num_classes, fed.channels, fed.image_size)
-        with borrowed_model(key, lambda: self.spec.model.build_for(fed)) as model:
+        key = (self.spec.model, fed.num_classes, fed.channels, fed.image_size, str(self.device))
+        with borrowed_model(key, lambda: self.spec.model.build_for(fed).to(self.device)) as model:
             yield model
 
     def local_splits(self, val_fraction: float) -> tuple[ClientData, ClientData]:

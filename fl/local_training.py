@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fl.batchnorm import BUFFERS, recompute_batchnorm, smallest_batch
+from fl.compute import model_device
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,14 @@ class ClientData:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None,
-                min_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Minibatches in ``generator``'s order (None: stored order); a last batch smaller than
-        ``min_size`` joins the one before it."""
+    def batches(self, batch_size: int, generator: torch.Generator | None, min_size: int = 1, *,
+                device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Minibatches in ``generator``'s order (None: stored order), on ``device`` (None: where
+        the images are, the CPU); a last batch smaller than ``min_size`` joins the one before it."""
         order = self.indices if generator is None else self.indices[torch.randperm(len(self.indices), generator=generator).numpy()]
         for start, end in batch_bounds(len(order), batch_size, min_size):
-            yield self.images.get(order[start:end])
+            x, y = self.images.get(order[start:end])
+            yield (x, y) if device is None else (x.to(device), y.to(device))
 
 
 def batch_bounds(n: int, batch_size: int, min_size: int = 1) -> list[tuple[int, int]]:
@@ -84,7 +86,8 @@ def statistics_after(model: nn.Module, data: ClientData, hyper: TrainHyper, befo
 def _recompute_on(model: nn.Module, data: ClientData, hyper: TrainHyper,
                   forward: Callable[[Tensor], Tensor] | None) -> list[nn.Module]:
     model.train()
-    return recompute_batchnorm(model, data.batches(hyper.batch_size, None, smallest_batch(model)), forward)
+    return recompute_batchnorm(model, data.batches(hyper.batch_size, None, smallest_batch(model),
+                                                   device=model_device(model)), forward)
 
 
 def local_sgd(model: nn.Module, hyper: TrainHyper) -> torch.optim.SGD:
@@ -94,13 +97,14 @@ def local_sgd(model: nn.Module, hyper: TrainHyper) -> torch.optim.SGD:
 
 
 def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator: torch.Generator) -> dict[str, float]:
-    """Local SGD in place on ``model``; returns the mean training loss and accuracy."""
+    """Local SGD in place on ``model``, on the device it is on; returns the mean training loss and accuracy."""
     before = statistics_before(model, data, hyper)
     model.train()
     optimizer = local_sgd(model, hyper)
+    device = model_device(model)
     loss_sum, correct, seen = 0.0, 0, 0
     for _ in range(hyper.epochs):
-        for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model)):
+        for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model), device=device):
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -115,9 +119,10 @@ def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ClientData, batch_size: int = 512) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``data``, on the device the model is on."""
     model.eval()
     loss_sum, correct = 0.0, 0
-    for x, y in data.batches(batch_size, None):
+    for x, y in data.batches(batch_size, None, device=model_device(model)):
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(1) == y).sum())

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from fl.batchnorm import smallest_batch
+from fl.compute import model_device
 from fl.local_training import ClientData, TrainHyper, batch_bounds, statistics_after, statistics_before
 
 State = dict[str, Tensor]
@@ -71,8 +72,9 @@ def groups(datas: Sequence[ClientData], hyper: TrainHyper, min_size: int) -> lis
 def train_dense_vectorized(model: nn.Module, received: State, datas: Sequence[ClientData], hyper: TrainHyper,
                            generators: Sequence[torch.Generator]) -> tuple[list[State], list[dict[str, float]]]:
     """Train each client of ``datas`` (with its generator) from ``received`` as ``train_dense``
-    would; returns their state dicts (in ``model.state_dict()``'s key order) and metrics.
-    ``model`` is a scratch instance of the architecture: its weights are overwritten."""
+    would; returns their state dicts (in ``model.state_dict()``'s key order, on the model's device)
+    and metrics. ``model`` is a scratch instance of the architecture on the device the clients
+    train on (``fl.compute``): its weights are overwritten."""
     if len(datas) != len(generators):
         raise ValueError(f"{len(datas)} clients but {len(generators)} generators")
     reason = unsupported_reason(model)
@@ -98,10 +100,11 @@ def _train_group(model: nn.Module, received: State, datas: Sequence[ClientData],
         befores.append(statistics_before(model, data, hyper))
     model.load_state_dict(received)
     model.train()
+    device = model_device(model)
     param_names = [name for name, _ in model.named_parameters()]
-    params = {name: received[name].detach().unsqueeze(0).repeat(k, *[1] * received[name].dim())
+    params = {name: received[name].detach().to(device).unsqueeze(0).repeat(k, *[1] * received[name].dim())
               for name in param_names}
-    buffers = {name: received[name].detach().unsqueeze(0).repeat(k, *[1] * received[name].dim()).contiguous()
+    buffers = {name: received[name].detach().to(device).unsqueeze(0).repeat(k, *[1] * received[name].dim()).contiguous()
                for name, _ in model.named_buffers()}
 
     def loss_of(p: State, b: State, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,8 +120,8 @@ def _train_group(model: nn.Module, received: State, datas: Sequence[ClientData],
         orders = [data.indices[torch.randperm(n, generator=g).numpy()] for data, g in zip(datas, generators)]
         for start, end in bounds:
             batches = [data.images.get(order[start:end]) for data, order in zip(datas, orders)]
-            x = torch.stack([b[0] for b in batches])
-            y = torch.stack([b[1] for b in batches])
+            x = torch.stack([b[0] for b in batches]).to(device)
+            y = torch.stack([b[1] for b in batches]).to(device)
             grads, (loss, logits) = step(params, buffers, x, y)
             momentum = _sgd(params, grads, momentum, hyper)
             for i, (value, hits) in enumerate(zip(loss.tolist(), (logits.argmax(-1) == y).sum(-1).tolist())):

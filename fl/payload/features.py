@@ -95,9 +95,9 @@ def coded_bytes_per_sample(indices: np.ndarray, levels: int) -> np.ndarray:
 
 def encode_features(indices: torch.Tensor, codebook: torch.Tensor) -> ArrayRecord:
     """A batch of quantized remote features for the server: the coded stream and the centroids."""
-    stream = encode_indices(indices.numpy(), int(codebook.numel()))
+    stream = encode_indices(indices.detach().cpu().numpy(), int(codebook.numel()))
     return ArrayRecord({FEATURE_CODED: Array(np.frombuffer(stream, dtype=np.uint8).copy()),
-                        FEATURE_CODEBOOK: Array(codebook.detach().numpy().astype(np.float32))})
+                        FEATURE_CODEBOOK: Array(codebook.detach().cpu().numpy().astype(np.float32))})
 
 
 def decode_features(record: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +113,8 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], values: str = "fp32") ->
     """Split-learning tensors (feature gradients, local logits, labels): floating ones as fp32
     or fp16, the others as they are."""
     dtype = {"fp32": np.float32, "fp16": np.float16}[values]
-    return ArrayRecord({name: Array(t.detach().numpy().astype(dtype) if t.is_floating_point() else t.numpy())
+    return ArrayRecord({name: Array(t.detach().cpu().numpy().astype(dtype) if t.is_floating_point()
+                                    else t.detach().cpu().numpy())
                         for name, t in tensors.items()})
 
 

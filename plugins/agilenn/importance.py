@@ -47,11 +47,12 @@ class ZeroBaselineCache:
     def get(self, reference: nn.Module, shape: tuple[int, ...], num_classes: int,
             dtype: torch.dtype | None = None) -> Tensor:
         dtype = dtype or next(reference.parameters()).dtype
-        key = (self._fingerprint(reference), tuple(shape), num_classes, dtype)
+        device = next(reference.parameters()).device
+        key = (self._fingerprint(reference), tuple(shape), num_classes, dtype, device)
         if key != self._key:
-            zero = torch.zeros((num_classes, *shape), dtype=dtype, requires_grad=True)
+            zero = torch.zeros((num_classes, *shape), dtype=dtype, device=device, requires_grad=True)
             with torch.enable_grad():
-                loss = per_sample_loss(reference, zero, torch.arange(num_classes)).sum()
+                loss = per_sample_loss(reference, zero, torch.arange(num_classes, device=device)).sum()
                 (grad,) = torch.autograd.grad(loss, zero)
             self._key, self._grads = key, grad.detach()
         return self._grads

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fl.batchnorm import smallest_batch
+from fl.compute import model_device
 from fl.payload import coded_bytes_per_sample
 from plugins.agilenn.importance import ZeroBaselineCache, channel_importance, integrated_gradients
 from plugins.agilenn.losses import disorder_rate, objective, skewness
@@ -88,8 +89,9 @@ def train_epochs(model: AgileNet, data: ClientData, hyper: TrainHyper, generator
     optimizer = optimizer_for(model, hyper)
     sums: dict[str, float] = {}
     correct, seen, steps, seconds = 0, 0, 0, 0.0
+    device = model_device(model)
     for _ in range(hyper.epochs):
-        for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model)):
+        for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model), device=device):
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss, logits, stats = loss_fn(model, x, y)
@@ -134,16 +136,19 @@ def step_overhead(model: AgileNet, batches: list[tuple[Tensor, Tensor]], agile: 
 
 def measure(model: AgileNet, batches: Iterable[tuple[Tensor, Tensor]], agile: AgileLoss) -> dict[str, float]:
     """Accuracy of the local, remote and combined predictions, mean skewness, disorder rate,
-    alpha and the mean coded bytes per offloaded sample (``fl.payload``) over ``batches``."""
+    alpha and the mean coded bytes per offloaded sample (``fl.payload``) over ``batches`` (moved
+    to the model's device)."""
     model.eval()
+    device = model_device(model)
     sums = {"local_accuracy": 0.0, "remote_accuracy": 0.0, "combined_accuracy": 0.0, "skewness": 0.0,
             "disorder_rate": 0.0, "bytes_per_sample": 0.0, "loss": 0.0}
     n = 0
     levels = model.quantizer.levels
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with torch.no_grad():
             f, local, remote, combined = model.split_outputs(x)
-            coded = coded_bytes_per_sample(model.quantizer.indices(f[:, model.k:]).numpy(), levels)
+            coded = coded_bytes_per_sample(model.quantizer.indices(f[:, model.k:]).cpu().numpy(), levels)
         importance = agile.importance(model, f, y, create_graph=False).detach()
         b = len(y)
         sums["local_accuracy"] += float((local.argmax(1) == y).sum())
@@ -163,8 +168,10 @@ def measure(model: AgileNet, batches: Iterable[tuple[Tensor, Tensor]], agile: Ag
 @torch.no_grad()
 def reference_accuracy(model: AgileNet, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
     model.eval()
+    device = model_device(model)
     correct = n = 0
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         correct += int((model.reference_logits(x).argmax(1) == y).sum())
         n += len(y)
     return correct / max(n, 1)
