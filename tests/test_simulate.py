@@ -200,16 +200,16 @@ def test_mnist_from_official_test_files(tmp_path):
     assert rows[-1]["accuracy"] > 0.2  # 10 classes: well above chance after two rounds on real digits
 
 
-# -- what a completed run leaves: only what a user needs, each file and key in the README ----------
+# -- what a completed run leaves: only what a user needs, each file and key in docs/run-directory.md --
 
-def _readme_run_directory_section() -> str:
+def _run_directory_section() -> str:
     from tests.helpers import ROOT
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    return text[text.index("## Run directory"):text.index("## How bytes are counted")]
+    text = (ROOT / "docs" / "run-directory.md").read_text(encoding="utf-8")
+    return text[:text.index("## How bytes are counted")]
 
 
-def test_completed_run_keeps_no_checkpoint_and_the_readme_lists_every_file_and_key(tmp_path):
+def test_completed_run_keeps_no_checkpoint_and_the_docs_list_every_file_and_key(tmp_path):
     import fnmatch
     import re
 
@@ -220,13 +220,13 @@ def test_completed_run_keeps_no_checkpoint_and_the_readme_lists_every_file_and_k
                       f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (run_dir / "checkpoint.pt").exists()  # removed once the outputs are written (keep_checkpoint=false)
-    section = _readme_run_directory_section()
+    section = _run_directory_section()
     documented = [m.group(1) for m in re.finditer(r"^\| `([^`]+)` \|", section, flags=re.M)]
     for entry in run_dir.iterdir():
         name = entry.name + ("/" if entry.is_dir() else "")
-        assert any(fnmatch.fnmatch(name, pattern) for pattern in documented), f"{name} is not in the README table"
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in documented), f"{name} is not in the table of docs/run-directory.md"
     keys = {key for row in read_metrics(run_dir) for key in row}
     for key in keys:
         generic = re.sub(r"^(train|fed_eval|eval|plugin/[^/]+)/.*$", r"\1/<metric>", key)
         generic = generic.replace("plugin/update_norms/<metric>", "plugin/<name>/<metric>")
-        assert f"`{key}`" in section or f"`{generic}`" in section, f"metrics key {key} is not in the README table"
+        assert f"`{key}`" in section or f"`{generic}`" in section, f"metrics key {key} is not in the table of docs/run-directory.md"
