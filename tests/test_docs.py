@@ -1,9 +1,12 @@
 """The documentation cannot drift: the configuration reference is the generator's output and lists
-exactly the keys the config files hold, every top-level key has a meaning, and every relative link
-in README.md and docs/ points to a file that exists."""
+exactly the keys the config files hold, every top-level key has a meaning, every relative link (and
+image) in README.md and docs/ points to a file that exists and, with an anchor, to a heading of it,
+and every figure of a table marked as coming from a results file is in that file."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -46,14 +49,119 @@ def test_every_top_level_setting_says_what_it_means():
     assert unexplained == []
 
 
+def _prose(page: Path) -> str:
+    return re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)  # not inside code blocks
+
+
 def _links(page: Path):
-    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)  # not inside code blocks
-    for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if not re.match(r"[a-z]+://|#|mailto:", target):
-            yield target.split("#")[0]
+    """(file, anchor) of every relative link and image source."""
+    text = _prose(page)
+    targets = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"<img [^>]*src=\"([^\"]+)\"", text)
+    for target in targets:
+        if not re.match(r"[a-z]+://|mailto:", target):
+            path, _, anchor = target.partition("#")
+            yield path, anchor
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, tags and punctuation but `-` and `_` dropped, spaces
+    to hyphens."""
+    text = re.sub(r"<[^>]+>", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", _prose(page), flags=re.M)}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_relative_link_resolves(page):
-    missing = [target for target in _links(page) if target and not (page.parent / target).exists()]
+    missing = []
+    for path, anchor in _links(page):
+        target = (page.parent / path) if path else page
+        if not target.exists():
+            missing.append(path)
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            missing.append(f"{path}#{anchor}")
     assert missing == []
+
+
+def test_the_slug_rule_matches_github():
+    assert _slug("3. SuperNodes on a Raspberry Pi") == "3-supernodes-on-a-raspberry-pi"
+    assert _slug("CPU or GPU: `compute=`") == "cpu-or-gpu-compute"
+    assert _slug("How bytes are counted") == "how-bytes-are-counted"
+    assert _slug("`metrics.jsonl`") == "metricsjsonl"
+    assert _slug("`keep_checkpoint` and resume") == "keep_checkpoint-and-resume"
+
+
+# -- measured figures: a table marked <!-- figures from: results/<file> --> quotes only that file -------
+
+MARKER = re.compile(r"^<!-- figures from: (\S+) -->\n((?:\|.*\|\n?)+)", flags=re.M)
+UNITS = re.compile(r"KiB|MiB|GiB|%|\*\*")
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md"}
+
+
+def _marked_tables():
+    for page in PAGES:
+        for source, table in MARKER.findall(page.read_text(encoding="utf-8")):
+            yield page, page.parent / source, table
+
+
+def _numbers_in(text: str) -> list[str]:
+    return [n.replace(",", "") for n in NUMBER.findall(text)]
+
+
+def _values(path: Path) -> list[float]:
+    """Every number the file holds, and the unit changes a table may quote it in (share as a
+    percentage, bytes as KiB, MiB or GiB)."""
+    if path.suffix == ".json":
+        def leaves(node):
+            if isinstance(node, dict):
+                for value in node.values():
+                    yield from leaves(value)
+            elif isinstance(node, list):
+                for value in node:
+                    yield from leaves(value)
+            elif isinstance(node, (int, float)) and not isinstance(node, bool):
+                yield float(node)
+        raw = list(leaves(json.loads(path.read_text(encoding="utf-8"))))
+    else:
+        raw = [float(n) for n in _numbers_in(path.read_text(encoding="utf-8"))]
+    return [v * scale for v in raw for scale in (1, 100, 1 / 1024, 1 / 1024 ** 2, 1 / 1024 ** 3)]
+
+
+def _quoted(table: str) -> list[str]:
+    """The numbers of a table's body: every cell that holds figures only (a cell with words is a
+    label and is skipped)."""
+    figures = []
+    for row in table.strip().splitlines()[2:]:  # past the header and the rule
+        for cell in row.strip().strip("|").split("|"):
+            bare = UNITS.sub("", cell)
+            if not re.search(r"[A-Za-z_`]", bare):
+                figures += _numbers_in(bare)
+    return figures
+
+
+def _appears(figure: str, values: list[float]) -> bool:
+    """The figure is one of the values after rounding to the figure's decimals (either way a half
+    rounds)."""
+    decimals = len(figure.partition(".")[2])
+    target = float(figure)
+    return any(math.isclose(abs(v - target), 0, abs_tol=0.5 * 10 ** -decimals * (1 + 1e-9)) for v in values)
+
+
+def test_every_results_file_has_its_marked_tables():
+    sources = {source.name for _, source, _ in _marked_tables()}
+    assert RESULTS <= sources
+
+
+@pytest.mark.parametrize("page, source, table", list(_marked_tables()),
+                         ids=lambda x: x.name if isinstance(x, Path) else "")
+def test_every_figure_of_a_marked_table_is_in_its_results_file(page, source, table):
+    assert source.exists(), f"{page.name}: no {source}"
+    values = _values(source)
+    figures = _quoted(table)
+    assert figures, f"{page.name}: the table marked with {source.name} quotes no figure"
+    missing = [figure for figure in figures if not _appears(figure, values)]
+    assert missing == [], f"{page.name}: figures not in {source.name}"
