@@ -70,7 +70,7 @@ def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint:
         raise ConfigError("resume", f"no checkpoint at {path}; a run writes one every checkpoint_every rounds "
                                     "(it must have completed at least one)")
     try:
-        raw = torch.load(path, weights_only=False)
+        raw = torch.load(path, map_location="cpu", weights_only=False)  # loads on any machine
         if raw.get("format") != FORMAT:
             raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT}")
         return Checkpoint(round=int(raw["round"]), arrays=raw["arrays"], strategy=raw["strategy"],

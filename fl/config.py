@@ -151,7 +151,8 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
         min_evaluate_nodes=min_eval if fraction_evaluate > 0 else 0, min_available_nodes=num_clients,
     ), dict(seed=seed, down_codec=down, up_codec=up, robust=_robust(c.get("robust") or {})),
         # given only to strategies that declare them (e.g. DELTA needs the model's architecture)
-        dict(build_model=lambda: model.build_for(federation), test_set=federation.test))
+        dict(build_model=lambda: model.build_for(federation), test_set=federation.test,
+             compute=resolve_compute(compute)))
 
     server = ServerSpec(client=client, make_strategy=make_strategy, rounds=rounds, train=hyper, run_dir=run_dir,
                         clock=clock, **settings)
@@ -215,8 +216,8 @@ def _plugin_spec(name: str, pc: Mapping[str, Any] | None) -> PluginSpec:
 
 def _strategy_factory(sc: Mapping[str, Any], flower_kwargs: dict[str, Any], our_kwargs: dict[str, Any],
                       run_kwargs: dict[str, Any] | None = None) -> Callable[[], Strategy]:
-    """``run_kwargs`` (the run's ``build_model``, its central ``test_set``) reach only the strategies
-    whose constructor names them."""
+    """``run_kwargs`` (the run's ``build_model``, its central ``test_set``, the ``compute`` device
+    of its server-side steps) reach only the strategies whose constructor names them."""
     sc = dict(sc)
     target = sc.pop("_target_", None)
     name = sc.pop("name", None)

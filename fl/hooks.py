@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 import torch.nn as nn
 from flwr.app import ArrayRecord, ConfigRecord
 
@@ -42,7 +43,9 @@ class Report:
 
 @dataclass
 class RunView:
-    """What a server hook may look at: the run's data, a model factory, the current global model."""
+    """What a server hook may look at: the run's data, a model factory, the current global model,
+    and the compute device (``fl.compute``) that a hook's own training and measurements use. The
+    models ``build_model``/``load_global`` give are on the CPU: a hook moves what it computes with."""
 
     run_dir: str
     federation: Any
@@ -50,6 +53,7 @@ class RunView:
     load_global: Callable[[ArrayRecord], nn.Module]
     num_rounds: int
     initial_arrays: ArrayRecord  # the global model every strategy starts from
+    device: torch.device = torch.device("cpu")  # the run's compute device, resolved on the server
 
 
 @dataclass

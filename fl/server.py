@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from fl.checkpoint import Checkpoint, kill_point, save_checkpoint
 from fl.clock import ClockSpec
+from fl.compute import resolve_compute
 from fl.engine.metered import MeteredGrid
 from fl.errors import ConfigError
 from fl.hooks import Plugin, RunView
@@ -140,12 +141,13 @@ def torch_threads(n: int) -> Iterator[None]:
 
 class CentralEvaluation:
     """The global model on the central test set: before round 1, after the last round and every
-    ``eval_every`` rounds, by the strategy's own ``evaluate_global`` or else by the run's model."""
+    ``eval_every`` rounds, by the strategy's own ``evaluate_global`` or else by the run's model, on
+    the run's compute device (the received CPU weights are copied onto it)."""
 
     def __init__(self, spec: ServerSpec, view: RunView, strategy: ServedStrategy):
         federation = spec.client.data.federation()
         self.test_data = ClientData(federation.test, np.arange(len(federation.test)))
-        self.model = view.build_model()
+        self.model = view.build_model().to(view.device)
         self.strategy, self.every, self.rounds, self.threads = strategy, spec.eval_every, spec.rounds, spec.eval_threads
 
     def due(self, server_round: int) -> bool:
@@ -376,7 +378,8 @@ def run_server(grid: Grid | None, spec: ServerSpec, plugins: list[Plugin], resum
             stop.checkpointed = done_rounds
     logger = RunLogger(spec.run_dir, tensorboard=spec.tensorboard, purge_step=done_rounds + 1 if resume else None)
     view = RunView(run_dir=spec.run_dir, federation=federation, build_model=build_model,
-                   load_global=load_global, num_rounds=spec.rounds, initial_arrays=initial)
+                   load_global=load_global, num_rounds=spec.rounds, initial_arrays=initial,
+                   device=resolve_compute(spec.client.compute))
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         save_checkpoint(spec.run_dir, Checkpoint(server_round, arrays.to_torch_state_dict(), extras.state_dict(),

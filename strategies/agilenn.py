@@ -20,7 +20,9 @@ Extremely Weak Devices: Agile Offloading with Explainable AI", MobiCom 2022), on
 
 The split-learning exchanges of a round run inside ``configure_train`` (the round's last
 messages, the final gradients, are what it returns to Flower's loop, whose replies are the
-device uploads ``aggregate_train`` averages).
+device uploads ``aggregate_train`` averages). The server's network (the remote head it trains,
+the channel selection, central evaluation) lives on the run's compute device (``fl.compute``);
+what it aggregates and sends is on the CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from clients.trainer import TRAINER
+from fl.compute import to_cpu
 from fl.errors import ConfigError
 from fl.local_training import ClientData
 from fl.message_keys import ARRAYS, CONFIG, LR, METRICS, MOMENTUM, WEIGHT_DECAY
@@ -53,7 +56,7 @@ REMOTE_MODES = ("fedavg", "split")
 class AgileNN(FedAvg):
     def __init__(self, *, remote: str = "fedavg", pretrain_rounds: int = 2, rho: float = 0.8, lam: float = 0.8,
                  probe_batches: int = 1, grad_values: str = "fp32", build_model: Callable[[], Any] | None = None,
-                 **kwargs: Any):
+                 compute: torch.device | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         if remote not in REMOTE_MODES:
             raise ConfigError("strategy.remote", f"unknown {remote!r}; allowed: {', '.join(REMOTE_MODES)}")
@@ -70,7 +73,8 @@ class AgileNN(FedAvg):
         if template is not None and not (isinstance(template, AgileNet) and template.split):
             raise ConfigError("model", f"strategy=agilenn trains the split network; use model=agilenn (plugins=[agilenn]), "
                                        f"not a {type(template).__name__}")
-        self.template: AgileNet | None = template
+        self.compute = torch.device("cpu") if compute is None else torch.device(compute)
+        self.template: AgileNet | None = None if template is None else template.to(self.compute)
         self._server_remote: AgileNet | None = None  # split mode: the remote head the server trains
         self._global: State | None = None
 
@@ -133,7 +137,7 @@ class AgileNN(FedAvg):
             with torch.no_grad():
                 model.quantizer.centroids.copy_(torch.from_numpy(np.sort(mean)).float())
         top = counts[order[:model.k]].sum() / max(float(counts.sum()), 1.0)
-        return {k: v.clone() for k, v in model.state_dict().items()}, {"selection_topk_count_share": float(top)}
+        return {k: v.clone() for k, v in to_cpu(model.state_dict()).items()}, {"selection_topk_count_share": float(top)}
 
     # -- split learning -------------------------------------------------------------------------
 
@@ -172,8 +176,8 @@ class AgileNN(FedAvg):
     def server_step(self, model: AgileNet, optimizer: torch.optim.Optimizer, record: ArrayRecord) -> ArrayRecord:
         """The remote head on one client batch: forward, lambda * CE of the combined logits,
         an SGD step, and the gradients for the client."""
-        indices, codebook = decode_features(record)
-        rest = decode_tensors(record, [LOCAL, LABELS, ALPHA_W])
+        indices, codebook = (t.to(self.compute) for t in decode_features(record))
+        rest = {k: t.to(self.compute) for k, t in decode_tensors(record, [LOCAL, LABELS, ALPHA_W]).items()}
         q = codebook[indices].requires_grad_(True)
         local = rest[LOCAL].requires_grad_(True)
         w = rest[ALPHA_W].reshape(()).requires_grad_(True)
@@ -183,11 +187,12 @@ class AgileNN(FedAvg):
         loss = self.hyper.lam * F.cross_entropy(logits, rest[LABELS].long())
         loss.backward()
         optimizer.step()
-        return encode_tensors({GRAD_FEATURES: q.grad, GRAD_LOCAL: local.grad, GRAD_ALPHA: w.grad.reshape(1)},
+        return encode_tensors(to_cpu({GRAD_FEATURES: q.grad, GRAD_LOCAL: local.grad, GRAD_ALPHA: w.grad.reshape(1)}),
                               self.grad_values)
 
     def remote_state(self) -> State:
-        return {n: t.detach().clone() for n, t in self._server_remote.state_dict().items() if n.startswith("remote.")}
+        return {n: t.detach().cpu().clone() for n, t in self._server_remote.state_dict().items()
+                if n.startswith("remote.")}
 
     # -- central evaluation ------------------------------------------------------------------------
 
@@ -196,7 +201,7 @@ class AgileNN(FedAvg):
         model = self.template
         model.load_state_dict(arrays.to_torch_state_dict())
         model.freeze_reference(True)
-        batches = list(test.batches(500, None))
+        batches = list(test.batches(500, None, device=self.compute))
         if self._round_trained <= self.pretrain_rounds:
             with torch.no_grad():
                 loss = sum(float(F.cross_entropy(model.reference_logits(x), y, reduction="sum")) for x, y in batches)

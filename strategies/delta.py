@@ -24,7 +24,8 @@ HeteroFL-style nested width tiers (Diao et al., ICLR 2021).
                   strategy adds the global model cut to every tier width on the central test set
                   (``train/<tier>/global_accuracy``) and, with ``fraction_evaluate`` > 0, each
                   sampled client's tier model on its held-out split, averaged per tier
-                  (``fed_eval/<tier>/client_accuracy``); both every ``tier_eval_every`` rounds.
+                  (``fed_eval/<tier>/client_accuracy``); both every ``tier_eval_every`` rounds,
+                  the tier accuracies on the run's compute device (``fl.compute``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class DeltaFactorized(FederatedStrategy):
     def __init__(self, *, tiers: Sequence[float] = DEFAULT_TIERS, tier_assignment: str = "equal",
                  device: Mapping[str, Any] | None = None, edge_every: int = 0, fnc: float = 0.05, sr: float = 1e-4,
                  val_fraction: float = 0.2, tier_eval_every: int = 5, build_model: Callable[[], Any] | None = None,
-                 test_set: Any = None, **kwargs: Any):
+                 test_set: Any = None, compute: torch.device | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.tiers = check_tiers(tiers)
         if tier_assignment not in ASSIGNMENTS:
@@ -86,11 +87,12 @@ class DeltaFactorized(FederatedStrategy):
         self.edge_every, self.tier_eval_every = int(edge_every), int(tier_eval_every)
         self.fnc, self.sr, self.val_fraction = float(fnc), float(sr), float(val_fraction)
         self.test_set = test_set
+        self.compute = torch.device("cpu") if compute is None else torch.device(compute)
         template = build_model() if build_model is not None else None
         if template is not None and not isinstance(template, FusedDelta):
             raise ConfigError("model", f"strategy=delta trains a fused edge+DELTA model; use model=delta, "
                                        f"not a {type(template).__name__}")
-        self.template: FusedDelta | None = template
+        self.template: FusedDelta | None = None if template is None else template.to(self.compute)
         self.global_state: State | None = None
         self.frozen_version = 0  # bumps when E changes (edge rounds)
         self.delivered: dict[int, int] = {}  # partition -> version of E + C_B it holds
@@ -201,7 +203,7 @@ class DeltaFactorized(FederatedStrategy):
         model = self.template
         model.load_state_dict(self.global_state)
         model.eval()
-        x, y = self.test_set.get(np.arange(len(self.test_set)))
+        x, y = (t.to(self.compute) for t in self.test_set.get(np.arange(len(self.test_set))))
         if self._test_edge is None or self._test_edge[0] != self.frozen_version:
             self._test_edge = (self.frozen_version, model.edge_outputs(x))
         edge = self._test_edge[1]

@@ -33,8 +33,8 @@ def ranking(counts: Tensor) -> Tensor:
 @torch.no_grad()
 def permute_channels(model: AgileNet, order: Tensor) -> None:
     """Make channel ``order[i]`` the extractor's i-th output, in place (Algorithm 1, last step)."""
-    order = order.long()
     last = model.extractor.last
+    order = order.long().to(last.pointwise.weight.device)
     last.pointwise.weight.copy_(last.pointwise.weight[order])
     bn = last.norm
     for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
