@@ -52,14 +52,14 @@ class AgileNNMonitor(Plugin):
         if self._indices is None:
             rng = np.random.default_rng([self.seed, _SUBSET_TAG])
             self._indices = np.sort(rng.choice(len(test), size=min(self.samples, len(test)), replace=False))
-        model = run.load_global(arrays)
+        model = run.load_global(arrays).to(run.device)  # measured on the run's compute device
         model.freeze_reference(True)
         agile = AgileLoss(self.hyper, run.federation.num_classes)
         batches = [test.get(self._indices[s:s + self.batch]) for s in range(0, len(self._indices), self.batch)]
         scalars = measure(model, batches, agile)
         scalars.pop("loss")
         if self.captum_samples:
-            x, y = batches[0][0][:self.captum_samples], batches[0][1][:self.captum_samples]
+            x, y = (t[:self.captum_samples].to(run.device) for t in batches[0])
             with torch.no_grad():
                 f = model.extractor(x)
             ours = integrated_gradients(model.reference, f, y, agile.cache, run.federation.num_classes, create_graph=False)

@@ -25,6 +25,10 @@ Fine-tuning after pruning (``finetune_epochs > 0``) and static-quantization cali
 seeded sample of the simulated federation's training images: a simulation convenience; on a
 real deployment the same functions would run where data is.
 
+Where it runs: accuracy and fine-tuning of the float models on the run's compute device
+(``RunView.device``); pruning, profiling, serialization and everything int8 on the CPU (PyTorch's
+int8 kernels are CPU kernels), so the sizes, counts and MACs are the same on every device.
+
 ``sweep`` adds rows at more pruning ratios (``structured 25%``, ``unstructured 75%``, ...) so the
 trade-off figure has a curve per pruning technique, not one point.
 
@@ -49,6 +53,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fl import figures
+from fl.compute import CPU, placed
 from fl.hooks import Plugin, Report, RunView, register_plugin
 from fl.local_training import ClientData, TrainHyper, evaluate, train_dense
 from fl.models import model_profile
@@ -98,6 +103,7 @@ class ModelCompression(Plugin):
         self.eval_samples, self.every, self.seed = int(eval_samples), int(every), int(seed)
         self.sweep = sorted({float(r) for r in sweep})
         self._latest: ArrayRecord | None = None
+        self._device = CPU  # the run's compute device, set by compare()
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -120,6 +126,7 @@ class ModelCompression(Plugin):
         test = self._test_data(run)
         profile = dict(in_channels=federation.channels, image_size=federation.image_size)
         dense_profile = model_profile(model, **profile)
+        self._device = run.device
         rows = [self._row("dense", model, test, serialized_size(model.state_dict()), dense_profile["macs"])]
         pruned = None
         if self.structured:
@@ -180,9 +187,12 @@ class ModelCompression(Plugin):
     # -- pieces ------------------------------------------------------------------------------
 
     def _row(self, technique: str, model: nn.Module, test: ClientData, size: int, macs: int, note: str = "",
-             counts: tuple[int, int] | None = None, ratio: float | None = None) -> Row:
+             counts: tuple[int, int] | None = None, ratio: float | None = None, on_cpu: bool = False) -> Row:
+        """A table row; the accuracy on the compute device (``on_cpu``: an int8 model, on the CPU)."""
         params, nonzero = counts or count_params(model)
-        return Row(technique, evaluate(model, test)["accuracy"], size, params, nonzero, macs, note, ratio)
+        with placed(model, CPU if on_cpu else self._device):
+            accuracy = evaluate(model, test)["accuracy"]
+        return Row(technique, accuracy, size, params, nonzero, macs, note, ratio)
 
     def _structured(self, run: RunView, model: nn.Module, ratio: float) -> tuple[nn.Module, bytes]:
         """The structurally pruned model as it is saved and reloaded (``tp.state_dict``), and its bytes."""
@@ -217,7 +227,7 @@ class ModelCompression(Plugin):
                              backend=self.backend)
         with quantized_engine(self.backend):
             row = self._row(technique, quantized, test, serialized_size(quantized.state_dict()), macs,
-                            f"{self.quantization} int8 ({self.backend})", counts)
+                            f"{self.quantization} int8 ({self.backend})", counts, on_cpu=True)
         return row
 
     def _test_data(self, run: RunView) -> ClientData:
@@ -238,7 +248,8 @@ class ModelCompression(Plugin):
 
     def _finetune(self, run: RunView, model: nn.Module) -> None:
         data = self._train_sample(run, self.finetune_samples, _FINETUNE_TAG)
-        train_dense(model, data, self.finetune, torch.Generator().manual_seed(self.seed))
+        with placed(model, run.device):
+            train_dense(model, data, self.finetune, torch.Generator().manual_seed(self.seed))
         model.eval()
 
     def _ft_note(self) -> str:

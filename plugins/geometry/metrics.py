@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fl.compute import model_device
+
 
 @dataclass
 class Geometry:
@@ -93,16 +95,18 @@ def capture_linear_io(model: nn.Module, layer: str = "classifier") -> Iterator[d
 
 @torch.no_grad()
 def measure(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], layer: str = "classifier") -> Geometry:
-    """Run ``model`` (in eval mode) over ``(images, labels)`` batches and gather every sample's geometry."""
+    """Run ``model`` (in eval mode, on its device) over ``(images, labels)`` batches and gather every
+    sample's geometry (computed on the CPU)."""
     was_training = model.training
     model.eval()
-    weight = model.get_submodule(layer).weight
+    device = model_device(model)
+    weight = model.get_submodule(layer).weight.cpu()
     parts = []
     try:
         with capture_linear_io(model, layer) as io:
             for x, y in batches:
-                model(x)
-                parts.append(sample_geometry(io["x"].flatten(1), io["z"], weight, y))
+                model(x.to(device))
+                parts.append(sample_geometry(io["x"].flatten(1).cpu(), io["z"].cpu(), weight, y.cpu()))
     finally:
         model.train(was_training)
     return Geometry.cat(parts)

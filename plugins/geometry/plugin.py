@@ -19,7 +19,8 @@ the central test set:
    (``corrupt/<name>/s<k>/...``), as in CIFAR-10-C.
 
 Round 0 (``on_run_start``) logs the initial model's geometry as the baseline. ``every: k``
-measures every k-th round (the last round always).
+measures every k-th round (the last round always). Models run, and chosen clients train, on the
+run's compute device (``RunView.device``); the geometry itself is computed on the CPU.
 
 Figures (``figures: true``; ``plugins.geometry.views``, drawn by ``fl.figures``) at every measured
 round, as TensorBoard images ``plugin/geometry/...`` and PNGs under ``images/geometry/`` in the run
@@ -92,7 +93,7 @@ class GeometryMonitor(Plugin):
 
     def on_run_start(self, run: RunView) -> Report | None:
         self._setup(run)
-        self._previous_geometry = measure(run.load_global(run.initial_arrays), self._batches(run), self.layer)
+        self._previous_geometry = measure(self._load(run, run.initial_arrays), self._batches(run), self.layer)
         return self._global_report(run, self._previous_geometry)
 
     def after_aggregate(self, run: RunView, server_round: int, arrays: ArrayRecord) -> Report | None:
@@ -102,13 +103,13 @@ class GeometryMonitor(Plugin):
         self._previous, self._previous_geometry = arrays, None
         if server_round % self.every and server_round != run.num_rounds:
             return None
-        model = run.load_global(arrays)
+        model = self._load(run, arrays)
         geo = measure(model, self._batches(run), self.layer)
         self._previous_geometry = geo
         report = self._global_report(run, geo)
         if self.clients:
             if previous_geometry is None:
-                previous_geometry = measure(run.load_global(previous), self._batches(run), self.layer)
+                previous_geometry = measure(self._load(run, previous), self._batches(run), self.layer)
             for partition in self.clients:
                 client_model = self.client_model(run, previous, server_round, partition)
                 client_geo = measure(client_model, self._batches(run), self.layer)
@@ -132,11 +133,16 @@ class GeometryMonitor(Plugin):
 
     def client_model(self, run: RunView, received: ArrayRecord, server_round: int, partition: int) -> nn.Module:
         """The model ``partition`` trains in ``server_round`` from ``received`` (see the module docstring)."""
-        model = run.load_global(received)
+        model = self._load(run, received)
         data = ClientData(run.federation.train, run.federation.client_indices[partition])
         generator = torch.Generator().manual_seed(seed_for(self.seed, server_round, partition))
         train_dense(model, data, self.hyper, generator)
         return model
+
+    @staticmethod
+    def _load(run: RunView, arrays: ArrayRecord) -> nn.Module:
+        """The model held in ``arrays`` on the run's compute device."""
+        return run.load_global(arrays).to(run.device)
 
     def _batches(self, run: RunView, images: torch.Tensor | None = None):
         test = run.federation.test
@@ -179,7 +185,7 @@ class GeometryMonitor(Plugin):
         """The global model's views beside those of its float compressed copies, on the same samples."""
         models = {"global model": geo}
         for name, compressed in self.compression.float_models(run, arrays).items():
-            models[name] = measure(compressed, self._batches(run), self.layer)
+            models[name] = measure(compressed.to(run.device), self._batches(run), self.layer)
         images, _ = class_views(models, _class_names(run), self.max_classes, "global model vs compressed")
         report.images.update({f"compressed/{k}": v for k, v in images.items()})
 

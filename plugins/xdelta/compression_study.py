@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fl.compute import model_device
 from plugins.xdelta.categories import Thresholds
 from plugins.xdelta.gradcam import DELTA_MAP_SIZE
 from plugins.xdelta.pipeline import Explanation, explain
@@ -46,7 +47,7 @@ def pruned_fused(fused: nn.Module, base: nn.Module, sparsity: float, x: Tensor, 
         pool = edge.features(x[:1]).shape[1]
         feat = edge.forward_features(x[:1]).shape[1]
     arch = replace(fused.arch, edge_pool_dim=int(pool), edge_feat_dim=int(feat))
-    model = FusedDelta(arch, edge=edge)
+    model = FusedDelta(arch, edge=edge).to(model_device(edge))
     keep = {k: v for k, v in fused.state_dict().items() if k.startswith(("delta.", "classifier."))}
     model.load_state_dict(keep, strict=False)
     train_delta(model, base, x, y, DeltaTrainSettings(epochs=delta_epochs), seed)
@@ -62,7 +63,7 @@ def compression_study(fused: nn.Module, base: nn.Module, train_set, test_set, in
     from fl.models import model_profile
 
     n = min(train_samples, len(train_set))
-    x, y = train_set.get(np.arange(n))
+    x, y = (t.to(model_device(fused)) for t in train_set.get(np.arange(n)))  # trained where the models are
     results: dict[str, Any] = {}
     models = [("edge", 0.0, fused)]
     for s in sparsities:

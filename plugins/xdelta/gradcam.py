@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from captum._utils.gradient import compute_layer_gradients_and_eval
 from torch import Tensor, nn
 
+from fl.compute import model_device
+
 
 def gradcam_pp_weights(grads: Tensor, acts: Tensor) -> Tensor:
     """Per-channel weights w_k [B, K] from gradients and activations [B, K, h, w] (eq. 19)."""
@@ -125,7 +127,7 @@ def delta_layer(fused: nn.Module, input_shape: tuple[int, int, int], min_map: in
         with torch.no_grad():
             was_training = fused.training
             fused.eval()
-            fused(torch.zeros(1, *input_shape))
+            fused(torch.zeros(1, *input_shape, device=model_device(fused)))
             fused.train(was_training)
     finally:
         for h in hooks:

@@ -10,6 +10,8 @@ XDELTA, Section 4, Figure 6):
     5. semantic categories where the dataset has part masks (``concepts``).
 
 Returns an ``Explanation`` holding every per-sample score, so reports log scores, not only labels.
+The models run where they are (the compute device their caller put them on, ``fl.compute``):
+predictions and GradCAM++ maps come back to the CPU, where regions and scores are computed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fl.compute import model_device
 from plugins.xdelta.categories import CATEGORIES, GeometricScores, Thresholds, geometric_scores
 from plugins.xdelta.concepts import ConceptCounts, inherited, part_coverage
 from plugins.xdelta.gradcam import DELTA_MAP_SIZE, Explainers
@@ -131,12 +134,14 @@ def predict(fused: nn.Module, base: nn.Module | None, dataset, indices: np.ndarr
     if base is not None:
         base.eval()
     edge_l, fused_l, base_l = [], [], []
+    device = model_device(fused)
     for start in range(0, len(indices), batch_size):
         x, _ = dataset.get(indices[start:start + batch_size])
-        edge_l.append(fused.edge(x))
-        fused_l.append(fused(x))
+        x = x.to(device)
+        edge_l.append(fused.edge(x).cpu())
+        fused_l.append(fused(x).cpu())
         if base is not None:
-            base_l.append(base(x))
+            base_l.append(base(x.to(model_device(base))).cpu())
     empty = torch.zeros(0, getattr(fused.classifier, "out_features", 0))
     cat = lambda parts: torch.cat(parts) if parts else empty  # noqa: E731
     return Predictions(np.asarray(indices), np.asarray(dataset.labels[indices]), cat(edge_l), cat(fused_l),
@@ -167,18 +172,21 @@ def explain(fused: nn.Module, base: nn.Module | None, dataset, indices: np.ndarr
     cams = Explainers(fused, base if not has_masks else None, delta_map_size=delta_map_size,
                       input_shape=(dataset.channels, dataset.image_size, dataset.image_size))
     maps: dict[str, list[Tensor]] = {"delta": [], "edge": [], "object": [], "parts": []}
+    device = model_device(fused)
     for start in range(0, len(index), batch_size):
         batch = slice(start, start + batch_size)
         x, _ = dataset.get(index[batch])
-        maps["delta"].append(cams.delta_cam.attribute(x, torch.from_numpy(fused_pred[batch])))
-        maps["edge"].append(cams.edge_cam.attribute(x, torch.from_numpy(edge_pred[batch])))
+        x = x.to(device)
+        maps["delta"].append(cams.delta_cam.attribute(x, torch.from_numpy(fused_pred[batch]).to(device)).cpu())
+        maps["edge"].append(cams.edge_cam.attribute(x, torch.from_numpy(edge_pred[batch]).to(device)).cpu())
         if has_masks:
             obj, parts = dataset.masks(index[batch])
             maps["object"].append(obj)
             maps["parts"].append(parts)
         else:
             base_pred = preds.base.argmax(1).numpy()[chosen][batch]
-            base_map = cams.base_cam.attribute(x, torch.from_numpy(base_pred))
+            base_device = model_device(cams.base)
+            base_map = cams.base_cam.attribute(x.to(base_device), torch.from_numpy(base_pred).to(base_device)).cpu()
             maps["object"].append(_regions(base_map, thresholds).mask)
     size = dataset.image_size
     stack = lambda name, dtype=torch.float32: (torch.cat(maps[name]) if maps[name]  # noqa: E731

@@ -70,8 +70,10 @@ class XDelta(Plugin):
 
     def on_run_end(self, run: RunView) -> Report | None:
         fused = self._fused(run, run.initial_arrays if self._latest is None else self._latest)
-        fused.eval()
+        fused.to(run.device).eval()  # explained on the run's compute device
         base, train = self._pair()
+        if base is not None:
+            base.to(run.device)
         result = analyze(fused, base, run.federation.test, self.settings, train)
         report = to_report(result, run.federation.test, self.settings)
         if self.report_file:  # written by the run's logger, atomically
