@@ -10,7 +10,9 @@
        accuracy of every width tier, and the knowledge-distillation baseline (E distilled from B).
 
 Everything is cached under ``<pair dir>/delta-<hash of these settings>/``: ``fused.pt`` (the
-FusedDelta state), ``arch.json`` and ``report.json``.
+FusedDelta state), ``arch.json`` and ``report.json``. Every step runs on the ``compute`` device
+(``fl.compute``: the pair, the DELTA and the server split moved there once); the result is
+returned and saved on the CPU.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fl.compute import CPU, model_device, to_cpu
 from fl.delta.extract import ExtractSettings, build_delta, finetune_pruned, learn_sparsity, prune_base, summary
 from fl.delta.network import (Branches, DeltaArch, DeltaLossWeights, FusedDelta, delta_macs, delta_objective,
                               delta_params, fnc_loss, fuse, order_by_importance, tier_model, tier_shapes, tier_slice)
-from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, digest, \
+from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, central_device, digest, \
     ensure_pair, predict, server_split, shifted, tensors, train_classifier
 from fl.errors import ConfigError
 from fl.outputs import atomic_save, atomic_write_text
@@ -110,8 +113,10 @@ class Constructed:
 # -- the cached pipeline ------------------------------------------------------------------------------
 
 def ensure_delta(pair_spec: PairSpec, spec: ConstructionSpec, cache_dir: str, *, threads: int | None = None,
-                 tiers: tuple[float, ...] = DEFAULT_TIERS) -> Constructed:
-    pair = ensure_pair(pair_spec, cache_dir, threads=threads)
+                 tiers: tuple[float, ...] = DEFAULT_TIERS, compute: str | torch.device = "auto") -> Constructed:
+    """The DELTA of ``spec`` on the pair (its state on the CPU): loaded from the cache, or built on
+    the ``compute`` device and cached."""
+    pair = ensure_pair(pair_spec, cache_dir, threads=threads, compute=compute)
     directory = pair.directory / f"delta-{digest(spec.key())}"
     files = [directory / name for name in ("fused.pt", "arch.json", "report.json")]
     if all(f.exists() for f in files):
@@ -124,8 +129,8 @@ def ensure_delta(pair_spec: PairSpec, spec: ConstructionSpec, cache_dir: str, *,
     directory.mkdir(parents=True, exist_ok=True)
     with central_threads(threads), torch.random.fork_rng():
         torch.manual_seed(pair_spec.seed)  # the build depends on its cache key, not on what ran before
-        fused, report = construct(pair, pair_spec, spec, tiers)
-    atomic_save(fused.state_dict(), files[0])
+        fused, report = construct(pair, pair_spec, spec, tiers, device=central_device(compute))
+    atomic_save(to_cpu(fused.state_dict()), files[0])
     atomic_write_text(files[1], fused.arch.to_json())
     atomic_write_text(files[2], json.dumps(report, indent=2))
     log.info("DELTA built and cached in %s", directory)
@@ -145,15 +150,16 @@ def log_summary(report: Mapping[str, Any]) -> None:
                  f"{tier['params']:,}")
 
 
-def construct(pair: Pair, pair_spec: PairSpec, spec: ConstructionSpec,
-              tiers: tuple[float, ...] = DEFAULT_TIERS) -> tuple[FusedDelta, dict[str, Any]]:
+def construct(pair: Pair, pair_spec: PairSpec, spec: ConstructionSpec, tiers: tuple[float, ...] = DEFAULT_TIERS, *,
+              device: torch.device = CPU) -> tuple[FusedDelta, dict[str, Any]]:
+    """Steps 1-4 on ``device`` (the pair's models are moved there); the fused model is returned on the CPU."""
     from fl.models import model_profile
 
     seed = pair_spec.seed
     train, test = server_split(pair_spec)
-    x, y = tensors(train)
-    x_test, y_test = tensors(test)
-    base, edge = pair.base.eval(), pair.edge.eval()
+    x, y = tensors(train, device=device)
+    x_test, y_test = tensors(test, device=device)
+    base, edge = pair.base.to(device).eval(), pair.edge.to(device).eval()
     for p in list(base.parameters()) + list(edge.parameters()):
         p.requires_grad_(False)
     timings: dict[str, float] = {}
@@ -214,7 +220,7 @@ def construct(pair: Pair, pair_spec: PairSpec, spec: ConstructionSpec,
         started = time.perf_counter()
         report["kd_edge_accuracy"] = accuracy(predict(distill(edge, base, x, y, spec.kd, seed), x_test), y_test)
         timings["kd_s"] = round(time.perf_counter() - started, 1)
-    return fused, report
+    return fused.to(CPU), report
 
 
 # -- DELTA training --------------------------------------------------------------------------------------
@@ -318,7 +324,7 @@ class TierBranches:
         self.full, self.shapes = full, tier_shapes(full.arch, width)
         tier = FusedDelta(full.arch.scaled(width), edge=full.edge)
         tier.classifier = full.classifier
-        self.module = _FuseFromEdge(tier)
+        self.module = _FuseFromEdge(tier).to(model_device(full))
 
     def __call__(self, x: Tensor, edge_pool: Tensor, edge_feat: Tensor) -> Branches:
         views = tier_slice(dict(self.full.named_parameters()), self.shapes)

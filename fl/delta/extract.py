@@ -128,7 +128,7 @@ def filter_norms(layer: nn.Module) -> Tensor:
 def rate_masks(norms: Tensor, rates: tuple[float, ...]) -> Tensor:
     """[K, C] float masks: copy k keeps the ``C - round(r_k C)`` (at least 1) largest-norm filters."""
     order = torch.argsort(norms, descending=True, stable=True)
-    masks = torch.zeros(len(rates), len(norms))
+    masks = torch.zeros(len(rates), len(norms), device=norms.device)
     for k, rate in enumerate(rates):
         keep = max(1, len(norms) - round(rate * len(norms)))
         masks[k, order[:keep]] = 1.0
@@ -167,9 +167,11 @@ def learn_sparsity(base: nn.Module, x: Tensor, y: Tensor, settings: ExtractSetti
     blocks = blocks_of(base)
     _costs(base, blocks, x[:1])
     base.train()  # batch statistics in BatchNorm (a copy: the caller's running statistics stay)
-    rates = [torch.tensor(settings.conv_rates if b.rates == CONV_RATES else settings.linear_rates) for b in blocks]
+    device = x.device  # the gammas, rates and masks live where the base and the images are
+    rates = [torch.tensor(settings.conv_rates if b.rates == CONV_RATES else settings.linear_rates, device=device)
+             for b in blocks]
     masks = [rate_masks(filter_norms(base.get_submodule(b.layer)), tuple(r.tolist())) for b, r in zip(blocks, rates)]
-    gammas = nn.ParameterList([nn.Parameter(torch.full((len(r),), 1.0 / len(r))) for r in rates])
+    gammas = nn.ParameterList([nn.Parameter(torch.full((len(r),), 1.0 / len(r), device=device)) for r in rates])
     cost = [settings.alpha * b.memory * (1 - r) + settings.beta * b.macs * (1 - r) for b, r in zip(blocks, rates)]
 
     def weights(i: int) -> torch.Tensor:  # |gamma| normalized per layer
@@ -242,7 +244,7 @@ def choose_depth(channels: list[int], pools: list[bool], make_arch, budget_param
 def fold_block(layer: nn.Conv2d, norm: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor]:
     """A conv followed by an eval-mode BatchNorm as one conv with bias: (weight, bias)."""
     weight = layer.weight.detach().clone()
-    bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(weight.shape[0])
+    bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
     if norm is not None:
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
         weight = weight * scale[:, None, None, None]
@@ -282,7 +284,7 @@ def build_delta(pruned: nn.Module, blocks: list[Block], edge: nn.Module, edge_sp
 
     depth = choose_depth(channels, pools, make_arch, budget_params)
     arch = make_arch(depth)
-    fused = FusedDelta(arch, edge=copy.deepcopy(edge))
+    fused = FusedDelta(arch, edge=copy.deepcopy(edge)).to(example.device)  # initialized on the CPU, then moved
     importance = []
     for conv, b in zip(fused.delta.convs(), blocks[:depth]):
         layer = pruned.get_submodule(b.layer)

@@ -4,6 +4,8 @@ starts from the same checkpoints (``model=delta``, ``model=pair_base``, ``model=
 
 Both build, or load from ``cache_dir``, what ``fl.delta.pair`` / ``fl.delta.construct`` produce;
 the first build in a process reads the files, later builds reuse them (a fresh module each call).
+A build that has to train runs on the ``compute`` device (the option's config interpolates the
+run's ``${compute}``); the model returned is on the CPU, like every zoo model.
 """
 
 from __future__ import annotations
@@ -26,28 +28,28 @@ def _key(options: dict[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _constructed(key: str, pair: Any, construction: Any, cache_dir: str, threads: int | None):
+def _constructed(key: str, pair: Any, construction: Any, cache_dir: str, threads: int | None, compute: str):
     from fl.delta.construct import ConstructionSpec, ensure_delta
     from fl.delta.pair import PairSpec
 
     return ensure_delta(PairSpec.from_options(_thaw(pair)), ConstructionSpec.from_options(_thaw(construction)),
-                        cache_dir, threads=threads)
+                        cache_dir, threads=threads, compute=compute)
 
 
 @functools.lru_cache(maxsize=8)
-def _pair(key: str, pair: Any, cache_dir: str, threads: int | None):
+def _pair(key: str, pair: Any, cache_dir: str, threads: int | None, compute: str):
     from fl.delta.pair import PairSpec, ensure_pair
 
-    return ensure_pair(PairSpec.from_options(_thaw(pair)), cache_dir, threads=threads)
+    return ensure_pair(PairSpec.from_options(_thaw(pair)), cache_dir, threads=threads, compute=compute)
 
 
 @functools.lru_cache(maxsize=8)
-def _sparse_base(key: str, pair: Any, sparse: Any, cache_dir: str, threads: int | None):
+def _sparse_base(key: str, pair: Any, sparse: Any, cache_dir: str, threads: int | None, compute: str):
     from fl.delta.pair import PairSpec
     from fl.delta.sparse_base import SparseSpec, ensure_sparse_base
 
     return ensure_sparse_base(PairSpec.from_options(_thaw(pair)), SparseSpec.from_options(_thaw(sparse)), cache_dir,
-                              threads=threads)
+                              threads=threads, compute=compute)
 
 
 def _thaw(value: Any) -> Any:
@@ -70,10 +72,11 @@ def _check(model: ZooModel, num_classes: int, in_channels: int, image_size: int,
 
 @register_model("delta_fused")
 def delta_fused(*, num_classes: int, in_channels: int = 3, image_size: int = 32, pair: Any = None,
-                construction: Any = None, cache_dir: str = DEFAULT_CACHE, threads: int | None = None) -> ZooModel:
+                construction: Any = None, cache_dir: str = DEFAULT_CACHE, threads: int | None = None,
+                compute: str = "auto") -> ZooModel:
     """E + DELTA + the base classifier (``fl.delta.network.FusedDelta``), built from the pair by
-    ``fl.delta.construct`` on first use and cached; ``pair`` and ``construction`` as in
-    ``sim_configs/model/delta.yaml``."""
+    ``fl.delta.construct`` on first use (on the ``compute`` device) and cached; ``pair`` and
+    ``construction`` as in ``sim_configs/model/delta.yaml``."""
     from fl.delta.network import FusedDelta, random_arch
 
     if pair is None:  # no pair: a randomly initialized fused model of a small default shape (tests)
@@ -81,7 +84,7 @@ def delta_fused(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
     pair_f, construction_f = _freeze(pair), _freeze(construction or {})
     with _lock:
         built = _constructed(_key({"p": _thaw(pair), "c": _thaw(construction or {}), "d": cache_dir}),
-                             pair_f, construction_f, str(cache_dir), threads)
+                             pair_f, construction_f, str(cache_dir), threads, str(compute))
     model = FusedDelta(built.arch)
     model.load_state_dict(built.state)
     _check(model, num_classes, in_channels, image_size, "DELTA")
@@ -91,9 +94,9 @@ def delta_fused(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
 @register_model("pretrained")
 def pretrained(*, num_classes: int, in_channels: int = 3, image_size: int = 32, role: str = "base",
                pair: Any = None, sparse: Any = None, cache_dir: str = DEFAULT_CACHE,
-               threads: int | None = None) -> ZooModel:
+               threads: int | None = None, compute: str = "auto") -> ZooModel:
     """The pair's centrally pretrained ``base`` or ``edge`` model (``fl.delta.pair``), trained on
-    first use and cached: FedAvg and Hermes start from it in ``sim=delta_compare``. With ``sparse``
+    first use (on the ``compute`` device) and cached: FedAvg and Hermes start from it in ``sim=delta_compare``. With ``sparse``
     (``{sparsity, dense_layers, finetune}``) the base pruned to that sparsity and retrained on the
     server split (``fl.delta.sparse_base``), FedDST's start."""
     import copy
@@ -111,9 +114,9 @@ def pretrained(*, num_classes: int, in_channels: int = 3, image_size: int = 32, 
     with _lock:
         if sparse is not None:
             built = _sparse_base(_key({"p": _thaw(pair), "s": _thaw(sparse), "d": cache_dir}), pair_f,
-                                 _freeze(sparse), str(cache_dir), threads)
+                                 _freeze(sparse), str(cache_dir), threads, str(compute))
         else:
-            built = _pair(_key({"p": _thaw(pair), "d": cache_dir}), pair_f, str(cache_dir), threads)
+            built = _pair(_key({"p": _thaw(pair), "d": cache_dir}), pair_f, str(cache_dir), threads, str(compute))
     model = copy.deepcopy(built if sparse is not None else built.base if role == "base" else built.edge)
     for p in model.parameters():
         p.requires_grad_(True)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fl.compute import model_device
 from fl.models._api import ZooModel
 
 EDGE, DELTA, RESIZER, ADAPTER, CLASSIFIER = "edge", "delta", "resizer", "adapter", "classifier"
@@ -303,6 +304,7 @@ def tier_model(model: FusedDelta, width: float) -> FusedDelta:
         return model
     tier = FusedDelta(model.arch.scaled(width), edge=model.edge)
     tier.classifier = model.classifier
+    tier.to(model_device(model))  # the new DELTA blocks where the shared parts are
     tier.load_state_dict({**tier_slice(model.state_dict(), tier_shapes(model.arch, width)),
                           **model.frozen_state()})
     return tier

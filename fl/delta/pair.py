@@ -12,6 +12,8 @@ learning rate, batch 64, no augmentation. Results are cached under
 ``<cache_dir>/pair-<hash>/{base,edge}.pt`` where the hash covers everything that determines them
 (models, recipe, dataset options, seed, split size, and a fingerprint of the first rendered server
 images, so a changed renderer never reuses stale weights): a rerun loads them in milliseconds.
+Training runs on the run's compute device (``compute``, ``fl.compute``: data and models moved
+there once); the cached weights are saved from the CPU and load on any machine.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fl.compute import CPU, resolve_compute, to_cpu
 from fl.errors import ConfigError
 from fl.outputs import atomic_save, atomic_write_text
 from fl.threads import central_threads
@@ -154,9 +157,16 @@ def server_split(pair: PairSpec):
     return train.subset(index, name=f"{name}/server"), test
 
 
-def tensors(images, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tensors(images, limit: int | None = None, device: torch.device = CPU) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` (all) images and labels, on ``device``."""
     n = len(images) if limit is None else min(limit, len(images))
-    return images.get(np.arange(n))
+    x, y = images.get(np.arange(n))
+    return x.to(device), y.to(device)
+
+
+def central_device(compute: str | torch.device) -> torch.device:
+    """The device of the central steps: a ``torch.device``, or the ``compute`` key's value resolved."""
+    return compute if isinstance(compute, torch.device) else resolve_compute(compute)
 
 
 # -- training ------------------------------------------------------------------------------------------
@@ -241,8 +251,10 @@ def pair_directory(pair: PairSpec, cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir).expanduser() / f"pair-{digest({**pair.key(), 'fingerprint': fingerprint})}"
 
 
-def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | None = None) -> Pair:
-    """The pretrained (base, edge): loaded from the cache, or trained on the server split and cached."""
+def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | None = None,
+                compute: str | torch.device = "auto") -> Pair:
+    """The pretrained (base, edge), on the CPU: loaded from the cache, or trained on the server
+    split on the ``compute`` device and cached."""
     directory = pair_directory(pair, cache_dir)
     train, test = server_split(pair)
     shape = dict(num_classes=train.num_classes, in_channels=train.channels, image_size=train.image_size)
@@ -258,14 +270,16 @@ def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | 
         return Pair(models["base"], models["edge"], directory, report)
     directory.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"spec": pair.key(), "server_samples": len(train), "test_samples": len(test)}
+    device = central_device(compute)
     with central_threads(threads), torch.random.fork_rng():
-        x, y = tensors(train)
-        x_test, y_test = tensors(test)
+        x, y = tensors(train, device=device)
+        x_test, y_test = tensors(test, device=device)
         for role, model in models.items():
             recipe = pair.base_recipe if role == "base" else pair.edge_recipe
             torch.manual_seed(pair.seed)
             reinit = build_member(pair.base if role == "base" else pair.edge, **shape)  # seeded initialization
             model.load_state_dict(reinit.state_dict())
+            model.to(device)
             started = time.perf_counter()
             log.info("training the %s (%s) on %d server images for %d epochs", role, dict(pair.base if role == "base"
                      else pair.edge), len(x), recipe.epochs)
@@ -274,7 +288,8 @@ def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | 
             report[role] = {"test_accuracy": accuracy(predict(model, x_test), y_test),
                             "seconds": round(time.perf_counter() - started, 1)}
             log.info("%s: test accuracy %.4f (%.0f s)", role, report[role]["test_accuracy"], report[role]["seconds"])
-            atomic_save(model.state_dict(), directory / f"{role}.pt")
+            model.to(CPU)
+            atomic_save(to_cpu(model.state_dict()), directory / f"{role}.pt")
     atomic_write_text(report_path, json.dumps(report, indent=2))
     return Pair(models["base"], models["edge"], directory, report)
 

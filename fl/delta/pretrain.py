@@ -5,7 +5,8 @@ Takes the same config and overrides as ``python -m fl.simulate`` (``sim=delta_10
 DELTA (or loads both from ``model.cache_dir``), then prints the XDELTA report: accuracies of the
 base, the edge, the fused edge+DELTA and the distilled edge, parameter and MAC ratios, the
 correlation score and the accuracy of every width tier. A later ``fl.simulate`` with the same
-config finds everything cached.
+config finds everything cached. The steps run on the ``compute`` device (``compute=cuda``, as for
+``fl.simulate``; default auto).
 
     python -m fl.delta.pretrain sim=delta_100clients
     python -m fl.delta.pretrain sim=delta_100clients --json report.json
@@ -31,6 +32,7 @@ def main(argv: list[str]) -> int:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
+    from fl.compute import resolve_compute
     from fl.delta.construct import ConstructionSpec, ensure_delta
     from fl.delta.pair import PairSpec, ensure_pair
 
@@ -42,14 +44,15 @@ def main(argv: list[str]) -> int:
         if model.get("name") not in ("delta_fused", "pretrained"):
             raise ConfigError("model", f"{model.get('name')!r} has nothing to pretrain; use model=delta "
                                        "(or sim=delta_100clients)")
+        device = resolve_compute(cfg.get("compute", "auto"))  # one error line before any work
         pair = PairSpec.from_options(model["pair"])
         cache, threads = str(model.get("cache_dir", ".cache/delta")), model.get("threads")
         if model["name"] == "pretrained":
-            built = ensure_pair(pair, cache, threads=threads)
+            built = ensure_pair(pair, cache, threads=threads, compute=device)
             report, directory = built.report, built.directory
         else:
             constructed = ensure_delta(pair, ConstructionSpec.from_options(model.get("construction")), cache,
-                                       threads=threads)
+                                       threads=threads, compute=device)
             report, directory = {**ensure_pair(pair, cache).report, **constructed.report}, constructed.directory
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

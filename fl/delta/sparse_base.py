@@ -11,7 +11,8 @@ magnitude pruning of a model trained dense, which no client round can repair qui
 
 FedDST's first mask keeps each layer's K_l weights of largest magnitude; on this model those are
 exactly its K_l nonzero weights, so the federation starts from the retrained sparse model as it is.
-Cached next to the pair: ``<pair dir>/sparse-<hash>/base.pt`` and ``report.json``.
+Cached next to the pair: ``<pair dir>/sparse-<hash>/base.pt`` and ``report.json``. The masks are
+chosen on the CPU; the retraining runs on the ``compute`` device (``fl.compute``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fl.delta.pair import (PairSpec, Recipe, accuracy, digest, ensure_pair, pair_directory, predict,
+from fl.compute import CPU, to_cpu
+from fl.delta.pair import (PairSpec, Recipe, accuracy, central_device, digest, ensure_pair, pair_directory, predict,
                            server_split, tensors, train_classifier)
 from fl.errors import ConfigError
 from fl.outputs import atomic_save, atomic_write_text
@@ -61,9 +63,10 @@ class SparseSpec:
 
 
 def ensure_sparse_base(pair: PairSpec, spec: SparseSpec, cache_dir: str | os.PathLike, *,
-                       threads: int | None = None) -> nn.Module:
-    """The pair's base at ``spec.sparsity``: loaded from the cache, or pruned, retrained and cached."""
-    base = ensure_pair(pair, cache_dir, threads=threads).base
+                       threads: int | None = None, compute: str | torch.device = "auto") -> nn.Module:
+    """The pair's base at ``spec.sparsity``, on the CPU: loaded from the cache, or pruned, retrained
+    on the ``compute`` device and cached."""
+    base = ensure_pair(pair, cache_dir, threads=threads, compute=compute).base
     directory = pair_directory(pair, cache_dir) / f"sparse-{digest(asdict(spec))}"
     weights, report_path = directory / "base.pt", directory / "report.json"
     if weights.exists() and report_path.exists():
@@ -72,15 +75,19 @@ def ensure_sparse_base(pair: PairSpec, spec: SparseSpec, cache_dir: str | os.Pat
         return base
     directory.mkdir(parents=True, exist_ok=True)
     train, test = server_split(pair)
-    x, y = tensors(train)
-    x_test, y_test = tensors(test)
+    device = central_device(compute)
+    x, y = tensors(train, device=device)
+    x_test, y_test = tensors(test, device=device)
     started = time.perf_counter()
     with central_threads(threads), torch.random.fork_rng():
         state = base.state_dict()
         budgets = erk_budgets(prunable_shapes(state), spec.sparsity, spec.dense_layers, key="model.sparse.dense_layers")
         masks = magnitude_masks(state, budgets)
+        pruned = apply_mask(state, masks)  # on the CPU, before the model moves
+        base.to(device)
+        masks = {name: mask.to(device) for name, mask in masks.items()}
         dense_accuracy = accuracy(predict(base, x_test), y_test)
-        base.load_state_dict(apply_mask(state, masks))
+        base.load_state_dict(pruned)
         pruned_accuracy = accuracy(predict(base, x_test), y_test)
         log.info("sparse base: pruned to sparsity %.2f by magnitude (test accuracy %.4f -> %.4f); retraining on "
                  "%d server images for %d epochs", spec.sparsity, dense_accuracy, pruned_accuracy, len(x),
@@ -98,7 +105,8 @@ def ensure_sparse_base(pair: PairSpec, spec: SparseSpec, cache_dir: str | os.Pat
               "retrained_accuracy": accuracy(predict(base, x_test), y_test),
               "nonzero": int(sum(int((base.state_dict()[n] != 0).sum()) for n in budgets)),
               "budget": int(sum(budgets.values())), "seconds": round(time.perf_counter() - started, 1)}
-    atomic_save(base.state_dict(), weights)
+    base.to(CPU)
+    atomic_save(to_cpu(base.state_dict()), weights)
     atomic_write_text(report_path, json.dumps(report, indent=2))
     log.info("sparse base cached in %s (%s)", directory, _summary(report))
     return base

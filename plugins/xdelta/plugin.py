@@ -71,7 +71,7 @@ class XDelta(Plugin):
     def on_run_end(self, run: RunView) -> Report | None:
         fused = self._fused(run, run.initial_arrays if self._latest is None else self._latest)
         fused.to(run.device).eval()  # explained on the run's compute device
-        base, train = self._pair()
+        base, train = self._pair(run.device)
         if base is not None:
             base.to(run.device)
         result = analyze(fused, base, run.federation.test, self.settings, train)
@@ -101,12 +101,13 @@ class XDelta(Plugin):
 
         return PairSpec.from_options(pair, prefix="plugins.xdelta.pair")
 
-    def _pair(self):
-        """The pair's base and server split, or (None, None) without a pair (then edge+DELTA is the reference)."""
+    def _pair(self, device):
+        """The pair's base and server split, or (None, None) without a pair (then edge+DELTA is the reference);
+        a pair not cached yet is trained on ``device``."""
         if self.pair is None:
             return None, None
         from fl.delta.pair import ensure_pair, server_split
 
-        pair = ensure_pair(self.pair, self.cache_dir)
+        pair = ensure_pair(self.pair, self.cache_dir, compute=device)
         return pair.base.eval(), server_split(self.pair)[0]
 
