@@ -15,6 +15,9 @@ pair's test set and writes into ``--out``:
 | ``scores.jsonl`` | one row per explained sample: category, overlap, locality, areas, concepts, coverage |
 | ``events.out.tfevents.*`` | the same Report the ``xdelta`` plugin logs, under ``plugin/xdelta/`` (``fl.run_logger``) |
 
+``--compute`` places the models (auto, the default: CUDA when torch sees a GPU; cpu; cuda; cuda:N;
+as the simulator's ``compute`` key, ``fl.compute``); scores and reports are computed on the CPU.
+
 Bad input stops before any work with one line ``error: <option>: <problem>`` and exit status 2;
 the outputs are written into a temporary folder renamed into place at the end, so a failed run
 leaves nothing half-written (an existing ``--out`` is refused unless ``--force``).
@@ -49,6 +52,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compression", action="store_true", help="also the pruned-edge study (trains 3 DELTAs)")
     p.add_argument("--no-opportunistic", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compute", default="auto", help="device the models run on: auto (default), cpu, cuda, cuda:N")
     p.add_argument("--no-tensorboard", action="store_true")
     return p.parse_args(argv)
 
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--out", f"{out} exists; choose another folder or pass --force")
         if args.samples < 1:
             raise ConfigError("--samples", f"must be >= 1, got {args.samples}")
+        from fl.compute import resolve_compute
         from plugins.xdelta.analysis import XDeltaSettings
         from plugins.xdelta.categories import Thresholds
         from plugins.xdelta.gradcam import DELTA_MAP_SIZE, delta_layer
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             thresholds = Thresholds() if args.threshold is None else Thresholds(region_fraction=args.threshold)
         except ValueError as exc:
             raise ConfigError("--threshold", str(exc)) from None
+        device = resolve_compute(args.compute, key="--compute")
         saved = load_saved(args.pair_dir, args.delta)
         train, test = saved.datasets()
         map_size = DELTA_MAP_SIZE if args.delta_map_size is None else args.delta_map_size
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from plugins.xdelta.analysis import analyze, html, to_report
     from plugins.xdelta.report import diffuse_line
 
-    result = analyze(saved.fused, saved.base, test, settings, train)
+    result = analyze(saved.fused.to(device), saved.base.to(device), test, settings, train)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

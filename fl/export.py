@@ -150,7 +150,11 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     for needed in ("config.yaml", "final_model.pt"):
         if not (folder / needed).is_file():
             raise ConfigError("--run", f"{folder} has no {needed} (a finished run directory has both)")
-    spec, _, _ = build(OmegaConf.load(folder / "config.yaml"), str(folder))
+    cfg = OmegaConf.load(folder / "config.yaml")
+    cfg.compute = "cpu"  # tracing and checking run on the CPU: a run trained on a GPU exports on any machine
+    if "compute" in (cfg.get("model") or {}):
+        cfg.model.compute = "cpu"
+    spec, _, _ = build(cfg, str(folder))
     federation = spec.client.data.federation()
     model = spec.client.model.build_for(federation)
     model.load_state_dict(torch.load(folder / "final_model.pt", map_location="cpu"))
