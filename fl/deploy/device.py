@@ -10,6 +10,7 @@ A SuperNode is started with a node config, e.g.::
 | ``partition-id``, ``num-partitions`` | which partition of the run's dataset this device trains; ``num-partitions`` is the run's ``num_clients`` when the run config does not set it, else it must equal it (Flower's simulation sets both on every virtual node) |
 | ``data-root`` | instead: a local ImageFolder (``<root>/<class>/*.png``) that is this device's whole training set (runs with ``data=imagefolder``) |
 | ``threads`` | torch intra-op threads for local training (default: torch's choice, all cores) |
+| ``compute`` | this device's compute device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``fl.compute``); it replaces the run's ``compute`` on this node (default: the run config's, else ``auto``: the node's GPU if torch sees one) |
 | ``device-profile`` | a profile name of the run's ``device.profiles`` (``device=edge_mix``): picks the DELTA tier |
 | ``delta-tier`` | the DELTA tier (0 = full width), overriding the one the profile implies |
 | ``log-dir`` | a folder for ``messages.jsonl``: bytes down and up of every message, counted on the device |
@@ -38,6 +39,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fl.compute import COMPUTE_KEY, resolve_compute
 from fl.delta.slices import DELTA_TIER
 from fl.deploy.run_config import DEPLOY_DEFAULTS, compose, log, overrides_from
 from fl.errors import ConfigError
@@ -65,6 +67,7 @@ class DeviceSettings:
     profile: str | None = None
     tier: int | None = None
     log_dir: str | None = None
+    compute: str | None = None  # replaces the run's compute key on this node
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "DeviceSettings":
@@ -82,7 +85,9 @@ class DeviceSettings:
 
         settings = cls(partition_id=number(PARTITION_ID, 0), num_partitions=number(NUM_PARTITIONS, 1),
                        data_root=text(DATA_ROOT), threads=number(THREADS, 1), profile=text(DEVICE_PROFILE),
-                       tier=number(DELTA_TIER, 0), log_dir=text(LOG_DIR))
+                       tier=number(DELTA_TIER, 0), log_dir=text(LOG_DIR), compute=text(COMPUTE_KEY))
+        if settings.compute is not None:
+            resolve_compute(settings.compute, key=f"node-config {COMPUTE_KEY}")  # a GPU this node has
         if settings.data_root is not None and settings.partition_id is not None:
             raise ConfigError(f"node-config {DATA_ROOT}", f"give either {DATA_ROOT} or {PARTITION_ID}, not both")
         if settings.tier is not None and settings.tier >= NUM_TIERS:
@@ -121,15 +126,19 @@ def delta_tier(profile: str, profiles: list[Mapping[str, Any]], num_tiers: int =
 def device_run(run_config: Mapping[str, Any], device: DeviceSettings) -> DeviceRun:
     """Compose the run's config and build what the ClientApp needs (memoized per process)."""
     return _device_run(tuple(overrides_from(run_config)), device.data_root, device.profile, device.tier,
-                       device.num_partitions)
+                       device.num_partitions, device.compute)
 
 
 @functools.lru_cache(maxsize=8)
 def _device_run(overrides: tuple[str, ...], data_root: str | None, profile: str | None, tier: int | None,
-                num_partitions: int | None = None) -> DeviceRun:
+                num_partitions: int | None = None, compute: str | None = None) -> DeviceRun:
     from fl.config import build
 
     cfg = compose(list(overrides))
+    if compute is not None:  # the node's own device wins over the run's (fl.compute)
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.compute = compute
     if num_partitions is not None and not sets_num_clients(overrides, cfg):
         cfg = sized_view(cfg, num_partitions)
     num_clients = int(cfg.num_clients)
