@@ -190,6 +190,19 @@ def test_compute_cpu_gives_the_default_runs_final_model_bit_for_bit(tmp_path, st
     assert saved["status"] == "complete"
 
 
+def test_a_run_trained_on_a_gpu_exports_on_a_machine_without_one(tmp_path, monkeypatch):
+    """fl.export rebuilds the run's model with compute=cpu and loads its weights with map_location."""
+    from fl.export import load_run
+
+    _, run_dir = run_inprocess(tmp_path, [])
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("compute: auto", "compute: cuda:1"))
+    _fake_gpus(monkeypatch, 0)
+    model, info = load_run(run_dir)
+    saved = torch.load(run_dir / "final_model.pt", map_location="cpu")
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved) and info["name"] == "cnn_small"
+
+
 # -- the trainers, central evaluation and the plugins' view use the resolved device ----------------------
 
 class DeviceSpy(Plugin):
