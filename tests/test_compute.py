@@ -190,6 +190,25 @@ def test_compute_cpu_gives_the_default_runs_final_model_bit_for_bit(tmp_path, st
     assert saved["status"] == "complete"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: compares a CUDA run with a CPU run")
+@pytest.mark.parametrize("overrides", [["strategy=fedavg"], ["strategy=feddst"], "delta"], ids=["fedavg", "feddst", "delta"])
+def test_a_cuda_run_counts_the_cpu_runs_bytes_client_by_client(tmp_path, overrides):
+    """The same run on the GPU and on the CPU: every client's upload and every round's traffic in
+    bytes are identical (payloads are encoded from CPU tensors); accuracy agrees within float noise."""
+    if overrides == "delta":
+        from tests.golden import TINY_DELTA
+
+        overrides = ["sim=delta_100clients", "num_clients=8", "fraction_fit=0.5", f"model.cache_dir={tmp_path}/cache",
+                     *TINY_DELTA]
+    cpu = _run(tmp_path / "cpu", [*overrides, "compute=cpu"])
+    gpu = _run(tmp_path / "gpu", [*overrides, "compute=cuda"])
+    assert gpu[2] == cpu[2]  # (round, partition, upload bytes) of every client
+    bytes_of = lambda rows: [(r["round"], r["up_bytes"], r["down_bytes"], r["clients"]) for r in rows]  # noqa: E731
+    assert bytes_of(gpu[1]) == bytes_of(cpu[1])
+    assert abs(gpu[1][-1]["accuracy"] - cpu[1][-1]["accuracy"]) <= 0.1
+
+
 def test_a_run_trained_on_a_gpu_exports_on_a_machine_without_one(tmp_path, monkeypatch):
     """fl.export rebuilds the run's model with compute=cpu and loads its weights with map_location."""
     from fl.export import load_run
