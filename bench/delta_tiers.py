@@ -1,4 +1,4 @@
-"""What each DELTA size tier trains, sends and scores, for the README's tier table.
+"""What each DELTA size tier trains, sends and scores, for the tier table of docs/strategy-delta.md.
 
     python bench/delta_tiers.py --run runs/<date>_<time>_delta [--delta-dir .cache/delta/pair-*/delta-*]
                                 [--json results.json]

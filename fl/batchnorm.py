@@ -2,7 +2,7 @@
 
 FedAvg averages weights and BatchNorm statistics alike, but averaged weights do not produce the
 averaged statistics. Three choices, each measured on AgileNN's split network (BatchNorm
-throughout; bench notes in the README's AgileNN section):
+throughout; measured in docs/plugin-agilenn.md):
 
     ema      PyTorch's default: the running statistics local SGD leaves, an exponential moving
              average (momentum 0.1) over the round's batches, started from the global model's.

@@ -1,6 +1,6 @@
 """Run a configured simulation on one of the two engines and write the run directory.
 
-Run directory contract (README, "Run directory"): ``config.yaml`` (written by ``fl.simulate``),
+Run directory contract (docs/run-directory.md): ``config.yaml`` (written by ``fl.simulate``),
 TensorBoard event files and ``metrics.jsonl`` (written round by round by ``fl.run_logger``), and,
 only when the run completed, ``final_model.pt`` and ``summary.json`` (``fl.outputs``).
 """

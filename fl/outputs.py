@@ -1,4 +1,4 @@
-"""What a finished run leaves behind, written atomically (README, "Run directory").
+"""What a finished run leaves behind, written atomically (docs/run-directory.md).
 
 ``final_model.pt`` and ``summary.json`` are written only when a run completes, each to a temporary
 file that is fsynced and then renamed, so a crashed run never leaves a torn final model or summary

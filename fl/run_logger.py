@@ -1,6 +1,6 @@
 """The run logger: the one home for what a run writes (TensorBoard events and ``metrics.jsonl``).
 
-Per evaluated round it writes one JSON line (keys documented in the README) and these
+Per evaluated round it writes one JSON line (keys documented in docs/run-directory.md) and these
 TensorBoard series:
     eval/accuracy, eval/loss                          step = round
     comm/up_bytes, comm/down_bytes, comm/cum_up_bytes, comm/cum_down_bytes   step = round

@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
 
 
 def format_report(r: Mapping[str, Any]) -> str:
-    """The XDELTA figures as a Markdown table (what the README quotes)."""
+    """The XDELTA figures as a Markdown table (what docs/strategy-delta.md quotes)."""
     if "fused_accuracy" not in r:
         return "\n".join(f"{role}: test accuracy {r[role]['test_accuracy']:.4f} ({r[role]['seconds']} s)"
                          for role in ("base", "edge") if role in r)

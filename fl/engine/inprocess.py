@@ -2,7 +2,7 @@
 
 Flower's simulation engine routes every message through a LinkState that the ServerApp polls
 and through Ray actors; on one small machine that costs 1.2x to 2.2x the training time and 3x to
-4x the memory of a plain PyTorch loop (the anchor measurements in the README). This grid keeps
+4x the memory of a plain PyTorch loop (docs/engines.md). This grid keeps
 the Message API contract (``push_messages``/``pull_messages``/``send_and_receive``, one
 ``Context`` per node that persists across rounds, errors returned as error replies) and runs the
 ClientApp calls on a pool of worker threads in this process, where datasets and model objects
@@ -16,7 +16,7 @@ memory. ``bench/engine_overhead.py`` re-measures this against the plain loop and
 Worker threads allocate from their own glibc malloc arenas, which do not hand freed pages back to
 the system by themselves: without a trim the process grew from 1,341 to 1,497 MiB between rounds
 1 and 4 at N=1000 (peak 1,597 MiB, against 1,466 with the trim) while the single-threaded plain
-loop stayed at 1,219 MiB (README, "Engines and their cost"). The grid trims once per
+loop stayed at 1,219 MiB (docs/engines.md). The grid trims once per
 ``send_and_receive``, when the workers are idle (``release_freed_memory``).
 
 With ``batch`` (``engine.batch_clients=K``), the train messages that ``batch.batchable`` accepts
