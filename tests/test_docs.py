@@ -17,7 +17,7 @@ from fl.config_reference import ROOT as CONFIGS
 from fl.config_reference import entries, reference
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]  # docs/results/ too
 
 
 def test_the_configuration_reference_is_current():
