@@ -57,8 +57,10 @@ CPU = torch.device("cpu")
 
 
 def resolve_compute(value: object = "auto", key: str = COMPUTE_KEY) -> torch.device:
-    """The ``torch.device`` the key names on this machine; a ``ConfigError`` naming ``key`` if it
-    names none. Resolved once per process and value (cached)."""
+    """The ``torch.device`` the key names on this machine (a ``torch.device`` as it is); a
+    ``ConfigError`` naming ``key`` if it names none. Resolved once per process and value (cached)."""
+    if isinstance(value, torch.device):
+        return value
     if not isinstance(value, str):
         raise ConfigError(key, f"must be one of {', '.join(COMPUTE_CHOICES)}, got {value!r}")
     return _resolve(value.strip().lower(), key)

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fl.compute import CPU, model_device, to_cpu
+from fl.compute import CPU, model_device, resolve_compute
 from fl.delta.extract import ExtractSettings, build_delta, finetune_pruned, learn_sparsity, prune_base, summary
 from fl.delta.network import (Branches, DeltaArch, DeltaLossWeights, FusedDelta, delta_macs, delta_objective,
                               delta_params, fnc_loss, fuse, order_by_importance, tier_model, tier_shapes, tier_slice)
-from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, central_device, digest, \
+from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, digest, \
     ensure_pair, predict, server_split, shifted, tensors, train_classifier
 from fl.errors import ConfigError
 from fl.outputs import atomic_save, atomic_write_text
@@ -129,8 +129,8 @@ def ensure_delta(pair_spec: PairSpec, spec: ConstructionSpec, cache_dir: str, *,
     directory.mkdir(parents=True, exist_ok=True)
     with central_threads(threads), torch.random.fork_rng():
         torch.manual_seed(pair_spec.seed)  # the build depends on its cache key, not on what ran before
-        fused, report = construct(pair, pair_spec, spec, tiers, device=central_device(compute))
-    atomic_save(to_cpu(fused.state_dict()), files[0])
+        fused, report = construct(pair, pair_spec, spec, tiers, device=resolve_compute(compute))
+    atomic_save(fused.state_dict(), files[0])  # construct returns it on the CPU
     atomic_write_text(files[1], fused.arch.to_json())
     atomic_write_text(files[2], json.dumps(report, indent=2))
     log.info("DELTA built and cached in %s", directory)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl.compute import CPU, resolve_compute, to_cpu
+from fl.compute import CPU, resolve_compute
 from fl.errors import ConfigError
 from fl.outputs import atomic_save, atomic_write_text
 from fl.threads import central_threads
@@ -164,11 +164,6 @@ def tensors(images, limit: int | None = None, device: torch.device = CPU) -> tup
     return x.to(device), y.to(device)
 
 
-def central_device(compute: str | torch.device) -> torch.device:
-    """The device of the central steps: a ``torch.device``, or the ``compute`` key's value resolved."""
-    return compute if isinstance(compute, torch.device) else resolve_compute(compute)
-
-
 # -- training ------------------------------------------------------------------------------------------
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int,
@@ -270,7 +265,7 @@ def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | 
         return Pair(models["base"], models["edge"], directory, report)
     directory.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"spec": pair.key(), "server_samples": len(train), "test_samples": len(test)}
-    device = central_device(compute)
+    device = resolve_compute(compute)
     with central_threads(threads), torch.random.fork_rng():
         x, y = tensors(train, device=device)
         x_test, y_test = tensors(test, device=device)
@@ -288,8 +283,7 @@ def ensure_pair(pair: PairSpec, cache_dir: str | os.PathLike, *, threads: int | 
             report[role] = {"test_accuracy": accuracy(predict(model, x_test), y_test),
                             "seconds": round(time.perf_counter() - started, 1)}
             log.info("%s: test accuracy %.4f (%.0f s)", role, report[role]["test_accuracy"], report[role]["seconds"])
-            model.to(CPU)
-            atomic_save(to_cpu(model.state_dict()), directory / f"{role}.pt")
+            atomic_save(model.to(CPU).state_dict(), directory / f"{role}.pt")
     atomic_write_text(report_path, json.dumps(report, indent=2))
     return Pair(models["base"], models["edge"], directory, report)
 

@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fl.compute import CPU, to_cpu
-from fl.delta.pair import (PairSpec, Recipe, accuracy, central_device, digest, ensure_pair, pair_directory, predict,
+from fl.compute import CPU, resolve_compute
+from fl.delta.pair import (PairSpec, Recipe, accuracy, digest, ensure_pair, pair_directory, predict,
                            server_split, tensors, train_classifier)
 from fl.errors import ConfigError
 from fl.outputs import atomic_save, atomic_write_text
@@ -75,7 +75,7 @@ def ensure_sparse_base(pair: PairSpec, spec: SparseSpec, cache_dir: str | os.Pat
         return base
     directory.mkdir(parents=True, exist_ok=True)
     train, test = server_split(pair)
-    device = central_device(compute)
+    device = resolve_compute(compute)
     x, y = tensors(train, device=device)
     x_test, y_test = tensors(test, device=device)
     started = time.perf_counter()
@@ -105,8 +105,7 @@ def ensure_sparse_base(pair: PairSpec, spec: SparseSpec, cache_dir: str | os.Pat
               "retrained_accuracy": accuracy(predict(base, x_test), y_test),
               "nonzero": int(sum(int((base.state_dict()[n] != 0).sum()) for n in budgets)),
               "budget": int(sum(budgets.values())), "seconds": round(time.perf_counter() - started, 1)}
-    base.to(CPU)
-    atomic_save(to_cpu(base.state_dict()), weights)
+    atomic_save(base.to(CPU).state_dict(), weights)
     atomic_write_text(report_path, json.dumps(report, indent=2))
     log.info("sparse base cached in %s (%s)", directory, _summary(report))
     return base

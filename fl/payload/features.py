@@ -113,9 +113,8 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], values: str = "fp32") ->
     """Split-learning tensors (feature gradients, local logits, labels): floating ones as fp32
     or fp16, the others as they are."""
     dtype = {"fp32": np.float32, "fp16": np.float16}[values]
-    return ArrayRecord({name: Array(t.detach().cpu().numpy().astype(dtype) if t.is_floating_point()
-                                    else t.detach().cpu().numpy())
-                        for name, t in tensors.items()})
+    arrays = {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+    return ArrayRecord({name: Array(a.astype(dtype) if a.dtype.kind == "f" else a) for name, a in arrays.items()})
 
 
 def decode_tensors(record: ArrayRecord, names: list[str] | None = None) -> State:
