@@ -35,7 +35,11 @@ def run_inprocess(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
     return execute(server, engine, faults=faults), tmp_path
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a subprocess that imports this checkout's packages."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "fl.simulate", *args], cwd=cwd or ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "fl.simulate", *args], cwd=cwd or ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)

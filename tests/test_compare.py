@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +24,8 @@ from fl.compare.outputs import OUTPUT_FILES, TABLE_MD, TOTAL_PNG, UP_PNG, symlog
 from fl.compare.runs import find_runs, load_runs
 from fl.compare.table import DEFAULT_LEVELS, NOT_REACHED, arm_stats
 from fl.errors import ConfigError
+from tests.helpers import ROOT, cli_env
 
-ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
 # Two arms with known logs: "cheap" starts at 0.55 (above the 0.5 level at round 0), skips the
@@ -162,7 +161,7 @@ def test_runs_are_labelled_by_what_differs_when_no_arm_is_named(tmp_path):
 def test_the_comparison_is_core_code_that_imports_no_strategy_client_or_plugin(sweep):
     code = ("import sys; from fl.compare.__main__ import main; main(['--from', sys.argv[1]]); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'strategies', 'clients', 'plugins'}))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = cli_env()
     done = subprocess.run([sys.executable, "-c", code, str(sweep)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
@@ -236,7 +235,7 @@ def test_error_lines_of_an_arm_are_held_back_and_the_rest_passes_through():
 # -- bench/compare_strategies.py reads the same tables ----------------------------------------------
 
 def bench(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = cli_env()
     return subprocess.run([sys.executable, str(ROOT / "bench" / "compare_strategies.py"), *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -290,7 +289,7 @@ def test_a_tiny_real_comparison(tmp_path, drawn, capsys):
 
 def test_a_failing_arm_is_one_error_line_and_no_outputs(tmp_path, capfd):
     out = tmp_path / "cmp"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = cli_env()
     done = subprocess.run([sys.executable, "-m", "fl.compare", "--sim", "compare_sparse", "--arms", "fedavg", "--out",
                            str(out), *TINY, "fraction_fit=1.5"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2

@@ -5,7 +5,6 @@ blocks run one after the other in one scratch folder, so a later line sees an ea
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -13,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, cli_env
 
 # Four clients of 16 synthetic images, one round of one epoch: seconds per run.
 SMALL_RUN = ["num_clients=4", "fraction_fit=0.5", "rounds=1", "train.epochs=1", "data.samples_per_client=16",
@@ -54,7 +53,7 @@ def test_runnable_lines_get_the_reduced_size_except_a_resume():
 
 
 def test_every_runnable_readme_block_runs(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = cli_env()
     for block in runnable_blocks((ROOT / "README.md").read_text(encoding="utf-8")):
         for argv in commands(block):
             result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
