@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fl.compute import model_device
+
 
 def per_sample_loss(reference: nn.Module, f: Tensor, y: Tensor) -> Tensor:
     """The true-label cross-entropy of every sample, [B]."""
@@ -47,7 +49,7 @@ class ZeroBaselineCache:
     def get(self, reference: nn.Module, shape: tuple[int, ...], num_classes: int,
             dtype: torch.dtype | None = None) -> Tensor:
         dtype = dtype or next(reference.parameters()).dtype
-        device = next(reference.parameters()).device
+        device = model_device(reference)
         key = (self._fingerprint(reference), tuple(shape), num_classes, dtype, device)
         if key != self._key:
             zero = torch.zeros((num_classes, *shape), dtype=dtype, device=device, requires_grad=True)
