@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report import add_out_option, recorded  # bench/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -167,12 +168,14 @@ def main() -> None:
                    "(mnist: the official test files alone, split into train and test, work offline)")
     p.add_argument("--root", default="../shared/data", help="folder of the torchvision dataset's files")
     p.add_argument("--skip-accuracy", action="store_true")
+    add_out_option(p)
     args = p.parse_args()
-    fed = federation(args)
-    x, y = fed.train.get(np.arange(min(len(fed.train), args.train_size)))
-    overhead(args, fed, x, y)
-    if not args.skip_accuracy:
-        accuracy(args, fed, x, y)
+    with recorded(args.out):
+        fed = federation(args)
+        x, y = fed.train.get(np.arange(min(len(fed.train), args.train_size)))
+        overhead(args, fed, x, y)
+        if not args.skip_accuracy:
+            accuracy(args, fed, x, y)
 
 
 if __name__ == "__main__":

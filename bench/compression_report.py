@@ -27,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from report import add_out_option, recorded  # bench/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the model-compression table imports the simulator in this process
 CODECS = ["dense_fp32", "fp16", "int8", "topk_0.1", "topk_0.01", "topk_0.01+int8"]
@@ -90,9 +92,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", default=None, help="keep the run directories here (default: a temp dir)")
+    parser.add_argument("--runs-dir", default=None, help="keep the run directories here (default: a temp dir)")
     parser.add_argument("--reuse", action="store_true",
-                        help="with --out: read runs already finished there instead of running them again")
+                        help="with --runs-dir: read runs already finished there instead of running them again")
     parser.add_argument("--no-model-compression", action="store_true",
                         help="skip the compression plugin's table for the dense run's final model")
     parser.add_argument("--finetune-epochs", type=int, default=1,
@@ -101,9 +103,10 @@ def main() -> None:
                         help="more pruning ratios for that table (structured and unstructured at each)")
     parser.add_argument("--figure", default=None, help="write that table's accuracy vs size/MACs figure here (PNG)")
     parser.add_argument("extra", nargs="*", help="further Hydra overrides for every run, e.g. model=resnet8")
+    add_out_option(parser)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        out_dir = Path(args.out or tmp)
+    with tempfile.TemporaryDirectory() as tmp, recorded(args.out):
+        out_dir = Path(args.runs_dir or tmp)
         started = time.time()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             results = list(pool.map(lambda c: run_one(c, args, out_dir), args.codecs))

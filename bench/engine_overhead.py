@@ -8,10 +8,15 @@ in the same invocation (this machine is shared and noisy: compare ratios, not se
     python bench/engine_overhead.py                  # N = 10, 100, 1000 (about 6 minutes)
     python bench/engine_overhead.py --sizes 1000 --rounds 4 --skip-ray
     python bench/engine_overhead.py --sizes 100 1000 --skip-ray --repeats 3   # interleaved repeats
+    python bench/engine_overhead.py --compute cuda --out gpu.txt              # on a GPU; keep the report
 
 With ``--repeats k`` every engine runs k times, interleaved with the plain loop (plain, inprocess,
 ray, plain, ...), and each figure is the median over the k runs: on a shared machine one run's
 per-round time moves by 10-20% from run to run.
+
+``--compute`` is the simulator's ``compute`` key (``fl.compute``), given to the plain loop and to
+both engines alike; on ``ray``, ``cuda`` also reserves ``--gpus-per-client`` of a GPU per client
+(``ray.num_gpus_per_client``). ``--out`` keeps the printed table in a file (``bench/report.py``).
 
 Per-round time: median over rounds 2..R-1 (round 1 warms caches; the last round evaluates).
 Memory: peak PSS of the whole process tree (Ray's raylet, GCS and workers included), sampled
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import psutil
 from process_memory import tree_memory  # bench/, beside this script
+from report import add_out_option, recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {10: 1.0, 100: 0.8, 1000: 0.1}  # the workloads: N=10 all, N=100 80%, N=1000 100/round
@@ -64,20 +70,22 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     return launched, peak[0]
 
 
-def plain(n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str]) -> dict:
+def plain(n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str], args: argparse.Namespace) -> dict:
     out = tmp / f"plain_{n}.json"
     _, peak = run_measured([sys.executable, "bench/plain_loop.py", "--num-clients", str(n), "--fraction",
-                            str(fraction), "--rounds", str(rounds), "--out", str(out)], env)
+                            str(fraction), "--rounds", str(rounds), "--compute", args.compute, "--out", str(out)], env)
     result = json.loads(out.read_text())
     return {"round_s": statistics.median(result["round_seconds"][1:-1] or result["round_seconds"]),
             "peak_pss": peak, "first_train_s": result["first_train_s"]}
 
 
-def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str]) -> dict:
+def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str],
+           args: argparse.Namespace) -> dict:
     run_dir = tmp / f"{name}_{n}"
+    gpus = [f"ray.num_gpus_per_client={args.gpus_per_client}"] if name == "ray" and args.compute != "cpu" else []
     _, peak = run_measured([sys.executable, "-m", "fl.simulate", f"engine={name}", f"num_clients={n}",
                             f"fraction_fit={fraction}", f"rounds={rounds}", "eval_every=0", "progress=false", *WORKLOAD,
-                            f"hydra.run.dir={run_dir}"], env)
+                            f"compute={args.compute}", *gpus, f"hydra.run.dir={run_dir}"], env)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     walls = [r["wall_s"] for r in rows]
     per_round = [b - a for a, b in zip(walls, walls[1:])]
@@ -99,8 +107,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per engine; medians are reported")
+    parser.add_argument("--compute", default="cpu", help="cpu (default), cuda, cuda:N or auto: where every engine trains")
+    parser.add_argument("--gpus-per-client", type=float, default=0.1,
+                        help="with --compute other than cpu: the GPU share Ray reserves per client (default 0.1)")
+    add_out_option(parser)
     args = parser.parse_args()
+    with recorded(args.out):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    print(f"compute={args.compute}, {args.rounds} rounds; median per-round time and peak PSS of each engine")
     print(f"{'N':>5} {'engine':>10} {'s/round':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} {'first train s':>14}")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -108,9 +126,9 @@ def main() -> None:
             fraction = SIZES[n]
             runs: dict[str, list[dict]] = {}
             for _ in range(max(args.repeats, 1)):
-                runs.setdefault("plain", []).append(plain(n, fraction, args.rounds, tmp, env))
+                runs.setdefault("plain", []).append(plain(n, fraction, args.rounds, tmp, env, args))
                 for name in ("inprocess",) if args.skip_ray else ("inprocess", "ray"):
-                    runs.setdefault(name, []).append(engine(name, n, fraction, args.rounds, tmp, env))
+                    runs.setdefault(name, []).append(engine(name, n, fraction, args.rounds, tmp, env, args))
             results = {name: median_run(rs) for name, rs in runs.items()}
             base = results["plain"]
             for name, r in results.items():

@@ -5,7 +5,7 @@ Same data, partition, model, client sampling, local trainer and aggregation as
 global weights, train, keep a copy of the weights; then the sample-weighted mean. Like the engine
 (with ``eval_every=0``) it evaluates the initial model (after round 1, when the engine does) and the
 final one on the test set, so both do the same work. torch uses all cores for its intra-op
-threads. Writes a JSON with per-round seconds and the first-train time.
+threads, and ``--compute`` places the model as the simulator's ``compute`` key does. Writes a JSON with per-round seconds and the first-train time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from fl.compute import resolve_compute  # noqa: E402
 from fl.local_training import ClientData, TrainHyper, evaluate, train_dense  # noqa: E402
 from fl.sampling import sample_partitions, seed_for  # noqa: E402
 from fl.specs import DataSpec, ModelSpec, freeze  # noqa: E402
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--samples-per-client", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compute", default="cpu", help="cpu, cuda, cuda:N or auto (fl.compute)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -42,7 +44,7 @@ def main() -> None:
                     options=freeze({"samples_per_client": args.samples_per_client}))
     federation = data.federation()
     torch.manual_seed(args.seed)
-    model = ModelSpec("cnn_small").build_for(federation)
+    model = ModelSpec("cnn_small").build_for(federation).to(resolve_compute(args.compute))
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     hyper = TrainHyper(epochs=1, batch_size=32, lr=0.05, momentum=0.0)  # engine_overhead.WORKLOAD
     per_round = max(int(args.num_clients * args.fraction), 2)

@@ -7,7 +7,7 @@
 By default it uses the pair cache that the shipped config (``sim_configs/pair/vgg11_cnn_small``,
 synthetic data, seed 0) hashes to under ``.cache/delta`` (``FL_DELTA_CACHE``); when that has no
 DELTA it stops with one line naming the directory and saying to pass ``--pair-dir`` (it never
-trains: building the shipped pair takes about half an hour on two cores). It times
+trains: build the pair first with ``python -m fl.delta.pretrain``). It times
 ``plugins.xdelta.pipeline.explain`` (predictions of edge, edge+DELTA and base on ``--samples``
 test images, GradCAM++ of the DELTA and the edge on the explained ones, regions, categories and
 concepts; no report rendering) and prints explained images per second and evaluated images per
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from report import add_out_option, recorded  # noqa: E402  bench/, beside this script
 
 
 def shipped_pair_dir(cache: str) -> Path:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--delta-map-size", type=int, default=None,
                    help="the DELTA layer GradCAM++ reads (default: the xdelta plugin's; 0: its last)")
+    add_out_option(p)
     args = p.parse_args(argv)
     import numpy as np
     import torch
@@ -77,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         e = explain(saved.fused, saved.base, test, indices, Thresholds(), batch_size=args.batch_size, **size)
         seconds = time.perf_counter() - started
         best = seconds if best is None else min(best, seconds)
-    print(f"pair {saved.pair_dir} / {saved.delta_dir.name}; torch threads {torch.get_num_threads()}; "
-          f"diffuse DELTA regions {e.summary()['diffuse']}")
-    print(f"evaluated {n} test images, explained {len(e)} (edge wrong, base right); best of {args.repeats}: "
-          f"{best:.2f} s")
-    print(f"{len(e) / best:.1f} explained images/s, {n / best:.1f} evaluated images/s")
+    with recorded(args.out):
+        print(f"pair {saved.pair_dir} / {saved.delta_dir.name}; torch threads {torch.get_num_threads()}; "
+              f"diffuse DELTA regions {e.summary()['diffuse']}")
+        print(f"evaluated {n} test images, explained {len(e)} (edge wrong, base right); best of {args.repeats}: "
+              f"{best:.2f} s")
+        print(f"{len(e) / best:.1f} explained images/s, {n / best:.1f} evaluated images/s")
     return 0
 
 
