@@ -20,7 +20,8 @@ both engines alike; on ``ray``, ``cuda`` also reserves ``--gpus-per-client`` of 
 
 Per-round time: median over rounds 2..R-1 (round 1 warms caches; the last round evaluates).
 Memory: peak PSS of the whole process tree (Ray's raylet, GCS and workers included), sampled
-every 0.25 s. First train: seconds from process launch to the first client's local training.
+every 0.25 s. First train: seconds from the benchmark's launching the process (interpreter start-up
+and imports included) to the first client's local training, the same clock for every engine.
 """
 
 from __future__ import annotations
@@ -72,26 +73,27 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 def plain(n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str], args: argparse.Namespace) -> dict:
     out = tmp / f"plain_{n}.json"
-    _, peak = run_measured([sys.executable, "bench/plain_loop.py", "--num-clients", str(n), "--fraction",
+    launched, peak = run_measured([sys.executable, "bench/plain_loop.py", "--num-clients", str(n), "--fraction",
                             str(fraction), "--rounds", str(rounds), "--compute", args.compute, "--out", str(out)], env)
     result = json.loads(out.read_text())
     return {"round_s": statistics.median(result["round_seconds"][1:-1] or result["round_seconds"]),
-            "peak_pss": peak, "first_train_s": result["first_train_s"]}
+            "peak_pss": peak, "first_train_s": result["first_train_unix"] - launched}
 
 
 def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str],
            args: argparse.Namespace) -> dict:
     run_dir = tmp / f"{name}_{n}"
     gpus = [f"ray.num_gpus_per_client={args.gpus_per_client}"] if name == "ray" and args.compute != "cpu" else []
-    _, peak = run_measured([sys.executable, "-m", "fl.simulate", f"engine={name}", f"num_clients={n}",
+    launched, peak = run_measured([sys.executable, "-m", "fl.simulate", f"engine={name}", f"num_clients={n}",
                             f"fraction_fit={fraction}", f"rounds={rounds}", "eval_every=0", "progress=false", *WORKLOAD,
                             f"compute={args.compute}", *gpus, f"hydra.run.dir={run_dir}"], env)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     walls = [r["wall_s"] for r in rows]
     per_round = [b - a for a, b in zip(walls, walls[1:])]
     summary = json.loads((run_dir / "summary.json").read_text())
+    first = summary.get("first_train_unix")
     return {"round_s": statistics.median(per_round[1:-1] or per_round), "peak_pss": peak,
-            "first_train_s": summary.get("first_train_s")}
+            "first_train_s": None if first is None else first - launched}
 
 
 def median_run(runs: list[dict]) -> dict:

@@ -71,7 +71,8 @@ def main() -> None:
             evaluate(model, test)
         round_seconds.append(time.perf_counter() - started)
     with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump({"round_seconds": round_seconds, "first_train_s": first_train - LAUNCHED_AT}, fh)
+        json.dump({"round_seconds": round_seconds, "first_train_s": first_train - LAUNCHED_AT,
+                   "first_train_unix": first_train}, fh)
 
 
 if __name__ == "__main__":

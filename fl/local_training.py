@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fl.batchnorm import BUFFERS, recompute_batchnorm, smallest_batch
 from fl.compute import model_device
+from fl.resident_data import device_batches
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,16 @@ class ClientData:
     def batches(self, batch_size: int, generator: torch.Generator | None, min_size: int = 1, *,
                 device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Minibatches in ``generator``'s order (None: stored order), on ``device`` (None: where
-        the images are, the CPU); a last batch smaller than ``min_size`` joins the one before it."""
-        order = self.indices if generator is None else self.indices[torch.randperm(len(self.indices), generator=generator).numpy()]
-        for start, end in batch_bounds(len(order), batch_size, min_size):
+        the images are, the CPU); a last batch smaller than ``min_size`` joins the one before it.
+        On an accelerator the client's samples stay resident there between rounds
+        (``fl.resident_data``); on the CPU each batch is gathered when it is needed."""
+        permutation = None if generator is None else torch.randperm(len(self.indices), generator=generator)
+        bounds = batch_bounds(len(self.indices), batch_size, min_size)
+        if device is not None and device.type != "cpu":
+            yield from device_batches(self.images, self.indices, bounds, permutation, device)
+            return
+        order = self.indices if permutation is None else self.indices[permutation.numpy()]
+        for start, end in bounds:
             x, y = self.images.get(order[start:end])
             yield (x, y) if device is None else (x.to(device), y.to(device))
 

@@ -165,3 +165,29 @@ def test_every_figure_of_a_marked_table_is_in_its_results_file(page, source, tab
     assert figures, f"{page.name}: the table marked with {source.name} quotes no figure"
     missing = [figure for figure in figures if not _appears(figure, values)]
     assert missing == [], f"{page.name}: figures not in {source.name}"
+
+
+# -- the model zoo's table is what the counter says ---------------------------------------------------
+
+ZOO_ROW = re.compile(r"^\| `(\w+)` \|[^|]*\| ([\d,]+) \| ([\d.]+) M \|$", flags=re.M)
+
+
+def _zoo_rows():
+    return ZOO_ROW.findall((REPO / "docs" / "models.md").read_text(encoding="utf-8"))
+
+
+def test_the_zoo_table_lists_every_model_of_the_registry():
+    from fl.models import list_models
+
+    listed = {name for name, _, _ in _zoo_rows()}
+    assert len(listed) >= 8
+    assert listed <= set(list_models())
+
+
+@pytest.mark.parametrize("name, params, macs", _zoo_rows(), ids=lambda x: x if isinstance(x, str) and "," not in x else "")
+def test_the_zoo_table_gives_each_models_counts(name, params, macs):
+    from fl.models import get_model, model_profile
+
+    profile = model_profile(get_model(name, num_classes=10))
+    assert profile["params"] == int(params.replace(",", ""))
+    assert round(profile["macs"] / 1e6, 1) == float(macs)
