@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from report import add_out_option, recorded  # bench/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,7 +43,13 @@ def main() -> None:
     p.add_argument("--base-width", type=float, default=0.5)
     p.add_argument("--base-lr", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=2)
+    add_out_option(p)
     args = p.parse_args()
+    with recorded(args.out):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()

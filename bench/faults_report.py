@@ -3,6 +3,7 @@ the same run without faults (same seed, data, partition, initial model).
 
     python bench/faults_report.py            # 100 clients, 80 per round, 20 rounds (defaults)
     python bench/faults_report.py rounds=5   # any fl.simulate override, applied to both runs
+    python bench/faults_report.py --out docs/results/faults.txt   # also keep the report (bench/report.py)
 
 Prints rounds completed, replies that failed, updates rejected, whether any aggregated update was
 non-finite, and the final accuracy of both runs with their difference in points.
@@ -10,11 +11,13 @@ non-finite, and the final accuracy of both runs with their difference in points.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from report import add_out_option, recorded  # bench/, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,7 +35,15 @@ def run(run_dir: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
 
 
 def main() -> None:
-    extra = sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("extra", nargs="*", help="fl.simulate overrides for both runs, e.g. rounds=5")
+    add_out_option(parser)
+    args = parser.parse_args()
+    with recorded(args.out):
+        report(args.extra)
+
+
+def report(extra: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clean, clean_rows = run(Path(tmp) / "clean", extra)
         faulty, faulty_rows = run(Path(tmp) / "faulty", ["faults.crash=0.2", "faults.nan=0.1", *extra])
