@@ -99,7 +99,8 @@ def test_the_slug_rule_matches_github():
 MARKER = re.compile(r"^<!-- figures from: (\S+) -->\n((?:\|.*\|\n?)+)", flags=re.M)
 UNITS = re.compile(r"KiB|MiB|GiB|%|\*\*")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.md"}
+RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.md", "engine_overhead.txt",
+           "engine_overhead_repeats.txt", "vectorized.txt", "xdelta_throughput.txt", "xdelta_explain.json"}
 
 
 def _marked_tables():
@@ -154,6 +155,19 @@ def _appears(figure: str, values: list[float]) -> bool:
 def test_every_results_file_has_its_marked_tables():
     sources = {source.name for _, source, _ in _marked_tables()}
     assert RESULTS <= sources
+
+
+def test_every_results_file_is_named_by_a_page():
+    """A file in docs/results/ that no page names or links is a figure nobody quotes."""
+    text = "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
+    unnamed = [f.name for f in sorted((REPO / "docs" / "results").iterdir()) if f.name not in text]
+    assert unnamed == []
+
+
+def test_a_benchmark_report_starts_with_the_command_that_wrote_it():
+    for report in sorted((REPO / "docs" / "results").glob("*.txt")):
+        first = report.read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith("$ python bench/") and f"--out docs/results/{report.name}" in first, report.name
 
 
 @pytest.mark.parametrize("page, source, table", list(_marked_tables()),
