@@ -20,7 +20,8 @@ both engines alike; on ``ray``, ``cuda`` also reserves ``--gpus-per-client`` of 
 
 Per-round time: median over rounds 2..R-1 (round 1 warms caches; the last round evaluates).
 Memory: peak PSS of the whole process tree (Ray's raylet, GCS and workers included), sampled
-every 0.25 s. First train: seconds from the benchmark's launching the process (interpreter start-up
+every 0.25 s; on a GPU also the peak GPU memory allocated by the process that trains (the plain
+loop's, the in-process engine's; ``-`` for Ray, whose workers train). First train: seconds from the benchmark's launching the process (interpreter start-up
 and imports included) to the first client's local training, the same clock for every engine.
 """
 
@@ -77,7 +78,8 @@ def plain(n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str], 
                             str(fraction), "--rounds", str(rounds), "--compute", args.compute, "--out", str(out)], env)
     result = json.loads(out.read_text())
     return {"round_s": statistics.median(result["round_seconds"][1:-1] or result["round_seconds"]),
-            "peak_pss": peak, "first_train_s": result["first_train_unix"] - launched}
+            "peak_pss": peak, "first_train_s": result["first_train_unix"] - launched,
+            "peak_gpu": result.get("peak_gpu_bytes")}
 
 
 def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str],
@@ -93,14 +95,16 @@ def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict
     summary = json.loads((run_dir / "summary.json").read_text())
     first = summary.get("first_train_unix")
     return {"round_s": statistics.median(per_round[1:-1] or per_round), "peak_pss": peak,
-            "first_train_s": None if first is None else first - launched}
+            "first_train_s": None if first is None else first - launched, "peak_gpu": summary.get("peak_gpu_bytes")}
 
 
 def median_run(runs: list[dict]) -> dict:
     firsts = [r["first_train_s"] for r in runs if r["first_train_s"] is not None]
+    gpus = [r["peak_gpu"] for r in runs if r["peak_gpu"] is not None]
     return {"round_s": statistics.median(r["round_s"] for r in runs),
             "peak_pss": statistics.median(r["peak_pss"] for r in runs),
-            "first_train_s": statistics.median(firsts) if firsts else None}
+            "first_train_s": statistics.median(firsts) if firsts else None,
+            "peak_gpu": statistics.median(gpus) if gpus else None}
 
 
 def main() -> None:
@@ -121,7 +125,9 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     print(f"compute={args.compute}, {args.rounds} rounds; median per-round time and peak PSS of each engine")
-    print(f"{'N':>5} {'engine':>10} {'s/round':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} {'first train s':>14}")
+    gpu = args.compute != "cpu"
+    print(f"{'N':>5} {'engine':>10} {'s/round':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} {'first train s':>14}"
+          + (f" {'peak GPU MiB':>13}" if gpu else ""))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for n in args.sizes:
@@ -135,8 +141,10 @@ def measure(args: argparse.Namespace) -> None:
             base = results["plain"]
             for name, r in results.items():
                 first = "-" if r["first_train_s"] is None else f"{r['first_train_s']:.2f}"
+                on_gpu = "-" if r["peak_gpu"] is None else f"{r['peak_gpu'] / 2**20:.0f}"
                 print(f"{n:>5} {name:>10} {r['round_s']:>8.3f} {r['round_s'] / base['round_s']:>8.2f} "
-                      f"{r['peak_pss'] / 2**20:>9.0f} {r['peak_pss'] / base['peak_pss']:>8.2f} {first:>14}", flush=True)
+                      f"{r['peak_pss'] / 2**20:>9.0f} {r['peak_pss'] / base['peak_pss']:>8.2f} {first:>14}"
+                      + (f" {on_gpu:>13}" if gpu else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fl.compute import resolve_compute  # noqa: E402
+from fl.compute import peak_accelerator_memory, resolve_compute  # noqa: E402
 from fl.local_training import ClientData, TrainHyper, evaluate, train_dense  # noqa: E402
 from fl.sampling import sample_partitions, seed_for  # noqa: E402
 from fl.specs import DataSpec, ModelSpec, freeze  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
         round_seconds.append(time.perf_counter() - started)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump({"round_seconds": round_seconds, "first_train_s": first_train - LAUNCHED_AT,
-                   "first_train_unix": first_train}, fh)
+                   "first_train_unix": first_train, "peak_gpu_bytes": peak_accelerator_memory()}, fh)
 
 
 if __name__ == "__main__":

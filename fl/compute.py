@@ -112,3 +112,11 @@ def placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         yield model
     finally:
         model.to(home)
+
+
+def peak_accelerator_memory() -> int | None:
+    """The most bytes this process held allocated on its CUDA devices at once (``torch.cuda.
+    max_memory_allocated``, summed over the devices), or None when it used no CUDA device."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return sum(torch.cuda.max_memory_allocated(index) for index in range(torch.cuda.device_count()))

@@ -17,6 +17,7 @@ from flwr.app import Context, RecordDict
 from clients.app import build_client_app, first_train_time
 from clients.batched import DenseBatching
 from fl.checkpoint import Checkpoint
+from fl.compute import peak_accelerator_memory
 from fl.engine.inprocess import InProcessGrid
 from fl.faults import FaultSpec, fault_mod
 from fl.outputs import write_results
@@ -58,7 +59,7 @@ def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None =
     if finish_only(spec, resume):
         outcome = run_server(None, spec, plugins, resume, stop)
         return write_results(spec.run_dir, spec.rounds, outcome, time.time(), engine.name,
-                             first_train_unix=None, first_train_s=None)
+                             first_train_unix=None, first_train_s=None, peak_gpu_bytes=None)
     outcome = RunOutcome()
     server_app = build_server_app(spec, plugins, outcome, resume, stop)
     client_app = build_client_app(spec.client, mods=[fault_mod(faults)] if faults and faults.active else None)
@@ -89,5 +90,7 @@ def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None =
     first_train = first_train_time()
     return write_results(spec.run_dir, spec.rounds, outcome, started, engine.name, first_train_unix=first_train,
                          first_train_s=None if first_train is None or launched_at is None
-                         else round(first_train - launched_at, 3))
+                         else round(first_train - launched_at, 3),
+                         # this process's GPUs: the in-process engine's clients; Ray's workers are not counted
+                         peak_gpu_bytes=peak_accelerator_memory() if engine.name == "inprocess" else None)
 

@@ -188,6 +188,18 @@ def test_compute_cpu_gives_the_default_runs_final_model_bit_for_bit(tmp_path, st
     assert on_cpu[2] == default[2] and default[2]  # each client's upload, byte for byte
     saved = json.loads((tmp_path / "cpu" / "summary.json").read_text())
     assert saved["status"] == "complete"
+    assert saved["peak_gpu_bytes"] is None  # no CUDA device was used
+
+
+def test_peak_accelerator_memory_sums_the_devices_this_process_used(monkeypatch):
+    from fl.compute import peak_accelerator_memory
+
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert peak_accelerator_memory() is None  # CUDA present, never touched
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: 1000 * (index + 1))
+    assert peak_accelerator_memory() == 3000
 
 
 @pytest.mark.gpu

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 ARGS = ["num_clients=4", "fraction_fit=0.5", "rounds=3", "checkpoint_every=1", "seed=7", "progress=false",
         "data.samples_per_client=16", "data.test_size=64", "train.epochs=1", "train.batch_size=16"]
-TIMING = ("wall_s", "first_train_unix", "first_train_s")  # wall-clock fields: never equal across processes
+TIMING = ("wall_s", "first_train_unix", "first_train_s", "peak_gpu_bytes")  # per process: never equal across two
 
 
 def _env(**extra: str) -> dict[str, str]:
