@@ -167,7 +167,7 @@ def test_every_results_file_is_named_by_a_page():
 def test_a_benchmark_report_starts_with_the_command_that_wrote_it():
     for report in sorted((REPO / "docs" / "results").glob("*.txt")):
         first = report.read_text(encoding="utf-8").splitlines()[0]
-        assert first.startswith("$ python bench/") and f"--out docs/results/{report.name}" in first, report.name
+        assert first.startswith("$ python bench/") and f"/{report.name}" in first.partition("--out ")[2], report.name
 
 
 @pytest.mark.parametrize("page, source, table", list(_marked_tables()),
