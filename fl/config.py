@@ -43,7 +43,7 @@ RAY_CONNECT_TIMEOUT_S = 5.0
 _DATA_KEYS = ("name", "root", "partition")
 # The keys the run reads (a Hydra config group or a section of config.yaml); any other is refused.
 KEYS = ("seed", "num_clients", "fraction_fit", "fraction_evaluate", "min_fit_clients", "min_evaluate_clients", "rounds",
-        "eval_every", "round_timeout", "checkpoint_every", "keep_checkpoint", "resume", "train", "codec", "faults", "robust",
+        "eval_every", "round_timeout", "partition_query", "checkpoint_every", "keep_checkpoint", "resume", "train", "codec", "faults", "robust",
         "ray", "plugins", "tensorboard", "progress", "verbose", "strategy", "data", "model", "engine", "device", "compute")
 SECTION_KEYS = {
     "train": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "bn_stats"),
@@ -149,7 +149,8 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[ServerSpec, EngineSpec, FaultS
     make_strategy = _strategy_factory(c["strategy"], dict(
         fraction_train=fraction_fit, fraction_evaluate=fraction_evaluate, min_train_nodes=min_fit,
         min_evaluate_nodes=min_eval if fraction_evaluate > 0 else 0, min_available_nodes=num_clients,
-    ), dict(seed=seed, down_codec=down, up_codec=up, robust=_robust(c.get("robust") or {})),
+    ), dict(seed=seed, down_codec=down, up_codec=up, robust=_robust(c.get("robust") or {}),
+            partition_query=_bool(c, "partition_query", True)),
         # given only to strategies that declare them (e.g. DELTA needs the model's architecture)
         dict(build_model=lambda: model.build_for(federation), test_set=federation.test,
              compute=resolve_compute(compute)))

@@ -12,7 +12,9 @@ quiet: one log line, no error, and nothing counted as a training failure (the qu
 traffic, ``fl.engine.metered``). The lowest node id is asked first; when its ClientApp has no
 query handler at all, the federation is taken to be such ClientApps and the others are not asked
 (a stock ClientApp raises on the query, which Flower's simulation logs with a traceback: one
-instead of one per node). A node may report more with its partition (a deployed device's DELTA
+instead of one per node). With ``partition_query=false`` in the run's configuration nobody is asked:
+every node takes a partition id in node-id order, and a stock ClientApp sees no query at all. A
+node may report more with its partition (a deployed device's DELTA
 tier, ``fl.delta.slices.DELTA_TIER``); the directory keeps those numbers by partition
 (``reported``) for the strategy whose protocol they belong to.
 """
@@ -46,8 +48,9 @@ class NodeDirectory:
         return len(self.node_of_partition)
 
     @classmethod
-    def discover(cls, grid: Grid, min_nodes: int = 1, timeout: float = 600.0) -> "NodeDirectory":
-        """Wait until ``min_nodes`` nodes are connected (as Flower's ``sample_nodes`` does), then map them."""
+    def discover(cls, grid: Grid, min_nodes: int = 1, timeout: float = 600.0, ask: bool = True) -> "NodeDirectory":
+        """Wait until ``min_nodes`` nodes are connected (as Flower's ``sample_nodes`` does), then map
+        them (``ask=False``: in node-id order, without the partition query)."""
         deadline = time.time() + timeout
         while len(node_ids := sorted(grid.get_node_ids())) < min_nodes:
             if time.time() > deadline:
@@ -59,6 +62,8 @@ class NodeDirectory:
         partition_of = getattr(grid, "partition_of", None)
         if partition_of is not None:
             return cls({partition_of(node): node for node in node_ids})
+        if not ask:
+            return cls(dict(enumerate(node_ids)))
         reported: dict[int, int] = {}  # node -> reported partition
         extra: dict[int, dict[str, float]] = {}  # node -> the other numbers of its answer
         answer_by = time.time() + timeout  # one wait for both asks

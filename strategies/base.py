@@ -92,10 +92,12 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
     payload_family: ClassVar[str] = "dense"  # what its messages carry: dense, bitmap or slice (fl.payload.family)
 
     def __init__(self, *, seed: int = 0, down_codec: str = "dense_fp32", up_codec: str = "dense_fp32",
-                 robust: RobustBounds | Mapping[str, Any] | None = None, **flower_kwargs: Any):
+                 robust: RobustBounds | Mapping[str, Any] | None = None, partition_query: bool = True,
+                 **flower_kwargs: Any):
         super().__init__(**flower_kwargs)
         self.seed = seed
         self.robust = robust if isinstance(robust, RobustBounds) else RobustBounds(**(robust or {}))
+        self.partition_query = partition_query  # False: nodes numbered in node-id order, nobody asked
         self.down_codec = resolve_codec(down_codec, self.payload_family, "codec.down")
         self.up_codec = resolve_codec(up_codec, self.payload_family, "codec.up")
         self.reference: State | None = None  # names, shapes and dtypes of the global model
@@ -109,7 +111,7 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
     def directory(self, grid: Grid) -> NodeDirectory:
         nodes = set(grid.get_node_ids())
         if self._directory is None or set(self._directory.node_of_partition.values()) != nodes:
-            self._directory = NodeDirectory.discover(grid, min_nodes=self.min_available_nodes)
+            self._directory = NodeDirectory.discover(grid, min_nodes=self.min_available_nodes, ask=self.partition_query)
         return self._directory
 
     def sample(self, grid: Grid, server_round: int, purpose: str, fraction: float, minimum: int) -> list[int]:

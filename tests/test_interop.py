@@ -193,12 +193,12 @@ class AnyGrid(Grid):
         return replies
 
 
-def _server_spec(run_dir: Path, nodes: int):
+def _server_spec(run_dir: Path, nodes: int, *overrides: str):
     from fl.config import build
 
     cfg = compose_config([f"num_clients={nodes}", "fraction_fit=1.0", "rounds=2", "progress=false",
                           "tensorboard=false", "checkpoint_every=0", "data.samples_per_client=16",
-                          "data.test_size=64"])
+                          "data.test_size=64", *overrides])
     spec, _, _ = build(cfg, str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     return spec
@@ -230,6 +230,38 @@ def test_our_server_with_a_stock_client_app(tmp_path, caplog):
     ours = [r for r in caplog.records if r.name.split(".")[0] in ("fl", "strategies", "clients")]
     assert not any(r.levelno >= logging.WARNING for r in ours), [r.getMessage() for r in ours]
     assert "4 of 4 nodes reported no partition (their ClientApp has no partition query handler)" in caplog.text
+
+
+def test_with_partition_query_off_a_stock_client_app_is_never_asked(tmp_path, caplog):
+    from fl.server import run_server
+
+    run_dir = tmp_path / "run"
+    spec = _server_spec(run_dir, 3, "partition_query=false")
+    grid = AnyGrid(InProcessGrid(stock_client_app(), 3))
+    try:
+        with caplog.at_level(logging.INFO):
+            outcome = run_server(grid, spec, [])
+    finally:
+        grid.inner.close()
+    _check_clean_run(run_dir, 3)
+    assert QUERY_PARTITION not in grid.sent_types and outcome.control_bytes == 0
+    assert "reported no partition" not in caplog.text
+
+
+@pytest.mark.slow
+def test_our_server_with_a_stock_client_app_on_flowers_simulation_and_no_query(tmp_path, capfd):
+    """With ``partition_query=false`` the stock ClientApp gets only train messages: no traceback at all."""
+    from fl.engine.ray_sim import run_on_ray
+    from fl.server import RunOutcome, build_server_app
+
+    run_dir = tmp_path / "run"
+    spec = _server_spec(run_dir, 4, "partition_query=false")
+    outcome = RunOutcome()
+    run_on_ray(build_server_app(spec, [], outcome), stock_client_app(), 4)
+    assert outcome.error is None
+    _check_clean_run(run_dir, 4)
+    out = capfd.readouterr()
+    assert "Traceback" not in out.out + out.err
 
 
 @pytest.mark.slow
@@ -288,6 +320,9 @@ def test_directory_falls_back_to_node_order_for_nodes_that_cannot_answer():
     grid = ScriptedGrid({5: "RuntimeError: disk full", 7: 0, 9: 1})
     assert NodeDirectory.discover(grid).node_of_partition == {0: 7, 1: 9, 2: 5}  # some other error: ask the rest
     assert grid.asked == [5, 7, 9]
+    grid = ScriptedGrid({5: 1, 7: 0, 9: 2})
+    assert NodeDirectory.discover(grid, ask=False).node_of_partition == {0: 5, 1: 7, 2: 9}  # partition_query=false
+    assert grid.asked == []
 
 
 # -- flwr run: a Flower app of someone else's, with our ClientApp as its clientapp ---------------------------
