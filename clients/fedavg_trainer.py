@@ -19,8 +19,9 @@ from fl.payload import decode_shared, encode_reply, get_codec
 @contextmanager
 def dense(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator[Session]:
     with env.model() as model:
-        received = decode_shared(get_codec(str(config.get(CODEC, "dense_fp32"))), arrays, model.state_dict())
-        model.load_state_dict(received)
+        down = get_codec(str(config.get(CODEC, "dense_fp32")))
+        received = decode_shared(down, arrays, model.state_dict())  # on the CPU: what the reply's update subtracts
+        model.load_state_dict(decode_shared(down, arrays, model.state_dict(), env.device))
         up = get_codec(str(config.get(UP_CODEC, "dense_fp32")))
         yield Session(model, train=lambda: train_dense(model, env.data, hyper_from(config), env.generator),
                       reply=lambda: encode_reply(up, to_cpu(model.state_dict()), received, env.state))
@@ -29,6 +30,6 @@ def dense(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator
 @register_evaluator("dense")
 def dense_evaluate(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> dict[str, float]:
     with env.model() as model:
-        received = decode_shared(get_codec(str(config.get(CODEC, "dense_fp32"))), arrays, model.state_dict())
-        model.load_state_dict(received)
+        down = get_codec(str(config.get(CODEC, "dense_fp32")))
+        model.load_state_dict(decode_shared(down, arrays, model.state_dict(), env.device))
         return evaluate(model, env.data)

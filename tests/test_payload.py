@@ -93,6 +93,23 @@ def test_decode_shared_decodes_one_record_once():
     assert decode_shared(codec, other, state) is not first
 
 
+def test_decode_shared_copies_a_record_to_a_device_once(monkeypatch):
+    """The round's weights cross to an accelerator once per record, not once per client ("meta"
+    stands in for a GPU here: a device that is not the CPU); the CPU copy stays the payload's."""
+    state = _state()
+    codec = get_codec("dense_fp32")
+    record = codec.encode(state)
+    cpu = decode_shared(codec, record, state)
+    moves = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moves.append(a) or real_to(self, *a, **k))
+    on_device = decode_shared(codec, record, state, torch.device("meta"))
+    assert all(t.device.type == "meta" for t in on_device.values()) and len(moves) == len(state)
+    assert decode_shared(codec, record, state, torch.device("meta")) is on_device and len(moves) == len(state)
+    assert decode_shared(codec, record, state, torch.device("cpu")) is cpu
+    assert all(t.device.type == "cpu" for t in cpu.values())
+
+
 def test_unknown_codec_lists_allowed():
     with pytest.raises(ConfigError, match="dense_fp32"):
         get_codec("zstd")
