@@ -105,6 +105,7 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
         self.rejections: dict[int, list[str]] = {}  # round -> "partition p: reason" for each rejected update
         self._layout: PayloadLayout | None = None
         self._layout_for: State | None = None
+        self._start64: tuple | None = None  # (round, id, start, its float64 copy) for update norms
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -254,19 +255,33 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
         start = decoded.start
         if start is not None and list(start) != list(decoded.sent):
             raise Rejected("decoded arrays differ from what the client was sent")
+        start64 = self._in_float64(server_round, start)
         for name, tensor in decoded.sent.items():
             if start is not None and tensor.shape != start[name].shape:
                 raise Rejected(f"{name!r} decodes to shape {list(tensor.shape)}, expected {list(start[name].shape)}")
             if not tensor.is_floating_point():
                 continue
-            if not bool(torch.isfinite(tensor).all()):
+            change = tensor.to(torch.float64, copy=True).reshape(-1)
+            if start64 is not None:
+                change.sub_(start64[name].reshape(-1))
+            squares = float(torch.dot(change, change))  # one BLAS pass, not a temporary per step
+            if not np.isfinite(squares) and not bool(torch.isfinite(tensor).all()):
                 raise Rejected(f"{name!r} has non-finite values")
-            change = tensor.to(torch.float64) - (start[name].to(torch.float64) if start is not None else 0.0)
-            norm += float(change.square().sum())
+            norm += squares
         if not np.isfinite(norm):
             raise Rejected("the update's norm overflows")
         weight = float(reply.content[METRICS][self.weighted_by_key])
         return Update(reply, self.partition_of(reply), weight, float(np.sqrt(norm)), decoded.content)
+
+    def _in_float64(self, server_round: int, start: State | None) -> State | None:
+        """``start`` in float64, converted once per round while the same dict is screened against
+        (every reply of a FedAvg-family round starts from the one broadcast)."""
+        if start is None:
+            return None
+        if self._start64 is None or self._start64[:2] != (server_round, id(start)) or self._start64[2] is not start:
+            self._start64 = (server_round, id(start), start,
+                             {name: t.to(torch.float64) for name, t in start.items()})
+        return self._start64[3]
 
     def check_metrics(self, reply: Message, arrays: str | None) -> str | None:
         """Why the reply's records are unusable, or None: the arrays (if asked for) and a finite,
