@@ -102,7 +102,8 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.md", "engine_overhead.txt",
            "engine_overhead_repeats.txt", "vectorized.txt", "xdelta_throughput.txt", "xdelta_explain.json",
            "agilenn_mnist.txt", "agilenn_synthetic.txt", "agilenn_easy.txt", "compression_shards.txt",
-           "compression_iid.txt", "compression_iid_no_finetune.txt", "delta_build.json"}
+           "compression_iid.txt", "compression_iid_no_finetune.txt", "delta_build.json",
+           "compare_sparse.md"}
 
 
 def _marked_tables():
