@@ -242,6 +242,10 @@ def hydra_error(exc: BaseException, args: list[str]) -> str:
         parent = getattr(cause, "parent_node", None)
         if "not in struct" in str(cause) and parent is not None:
             where = key.rpartition(".")[0] or "the config"
+            if where == "plugins":  # options of a plugin the command did not choose
+                name = key.partition(".")[2]
+                return (f"{key}: plugin {name!r} is not chosen; add plugins=[{name}] (or list it with the others) "
+                        f"to set its options; plugins: {', '.join(_group_options('plugins'))}")
             keys = [str(k) for k in parent if k != "hydra"]
             return f"{key}: unknown key; {where} takes: {', '.join(keys)}"
         return f"{key}: {str(cause).splitlines()[0]}; see python -m fl.simulate --cfg job for every key"

@@ -38,6 +38,8 @@ CASES = [  # (overrides, the key the error line names, a fragment of the line)
     (["hydra.job.chdir=maybe"], "hydra.job.chdir", "not a valid bool"),
     # keys the run would ignore
     (["+foo=1"], "foo", "unknown key; the run reads: seed"),
+    (["plugins.compression.structured_ratio=0.3"], "plugins.compression",
+     "plugin 'compression' is not chosen; add plugins=[compression]"),
     (["+train.learning_rate=0.1"], "train.learning_rate", "unknown key; train takes"),
     (["+ray.cpus=2"], "ray.cpus", "unknown key; ray takes: address, num_cpus_per_client"),
     (["+strategy.nosuch=1"], "strategy.nosuch", "takes no argument"),
