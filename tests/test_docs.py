@@ -103,7 +103,8 @@ RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.
            "engine_overhead_repeats.txt", "vectorized.txt", "xdelta_throughput.txt", "xdelta_explain.json",
            "agilenn_mnist.txt", "agilenn_synthetic.txt", "agilenn_easy.txt", "compression_shards.txt",
            "compression_iid.txt", "compression_iid_no_finetune.txt", "delta_build.json",
-           "compare_sparse.md", "pictures_compression_table.md"}
+           "compare_sparse.md", "pictures_compression_table.md",
+           "delta_ablation.json"}
 
 
 def _marked_tables():
