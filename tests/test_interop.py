@@ -212,18 +212,23 @@ def _check_clean_run(run_dir: Path, nodes: int) -> None:
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
-def test_our_server_with_a_stock_client_app(tmp_path, caplog):
+def _serve_stock_client_apps(run_dir: Path, nodes: int, caplog, *overrides: str):
+    """Our server over ``nodes`` stock ClientApps on a grid that must ask them (``AnyGrid``)."""
     from fl.server import run_server
 
-    run_dir = tmp_path / "run"
-    spec = _server_spec(run_dir, 4)
-    grid = AnyGrid(InProcessGrid(stock_client_app(), 4))
+    spec = _server_spec(run_dir, nodes, *overrides)
+    grid = AnyGrid(InProcessGrid(stock_client_app(), nodes))
     try:
         with caplog.at_level(logging.INFO):
             outcome = run_server(grid, spec, [])
     finally:
         grid.inner.close()
-    _check_clean_run(run_dir, 4)
+    _check_clean_run(run_dir, nodes)
+    return grid, outcome
+
+
+def test_our_server_with_a_stock_client_app(tmp_path, caplog):
+    grid, outcome = _serve_stock_client_apps(tmp_path / "run", 4, caplog)
     assert grid.sent_types.count(QUERY_PARTITION) == 1  # the first node's error spares the others the query
     assert outcome.control_bytes > 0
     assert "Traceback" not in caplog.text
@@ -233,17 +238,7 @@ def test_our_server_with_a_stock_client_app(tmp_path, caplog):
 
 
 def test_with_partition_query_off_a_stock_client_app_is_never_asked(tmp_path, caplog):
-    from fl.server import run_server
-
-    run_dir = tmp_path / "run"
-    spec = _server_spec(run_dir, 3, "partition_query=false")
-    grid = AnyGrid(InProcessGrid(stock_client_app(), 3))
-    try:
-        with caplog.at_level(logging.INFO):
-            outcome = run_server(grid, spec, [])
-    finally:
-        grid.inner.close()
-    _check_clean_run(run_dir, 3)
+    grid, outcome = _serve_stock_client_apps(tmp_path / "run", 3, caplog, "partition_query=false")
     assert QUERY_PARTITION not in grid.sent_types and outcome.control_bytes == 0
     assert "reported no partition" not in caplog.text
 
