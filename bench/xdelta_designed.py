@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from report import add_out_option, recorded  # noqa: E402  bench/, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=1800, help="training images per class, times 10 / classes")
     p.add_argument("--base-epochs", type=int, default=12)
+    add_out_option(p)
     a = p.parse_args(argv)
     for option, value in [("--classes", c) for c in a.classes] + [("--blind-to", a.blind_to), ("--seen-as", a.seen_as)]:
         if value not in names:
@@ -59,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = e.summary()
     counts = summary["category_counts"]
     expected = counts.get("LOCAL_ENHANCE", 0)
-    print(json.dumps({"accuracy": e.predictions.accuracy(), "explained": len(e), "counts": counts,
-                      "local_enhance_share": expected / max(len(e), 1), "diffuse": summary["diffuse"],
-                      "blind_class_top_concepts": e.concept_counts.top(3, blind) if len(e) else [],
-                      "median_region_pixels": {"delta": int(e.delta_region.flatten(1).sum(1).median()) if len(e) else 0,
-                                               "edge": int(e.edge_region.flatten(1).sum(1).median()) if len(e) else 0},
-                      "seconds": round(time.perf_counter() - started, 1)}, default=str))
+    with recorded(a.out):
+        print(json.dumps({"accuracy": e.predictions.accuracy(), "explained": len(e), "counts": counts,
+                          "local_enhance_share": expected / max(len(e), 1), "diffuse": summary["diffuse"],
+                          "blind_class_top_concepts": e.concept_counts.top(3, blind) if len(e) else [],
+                          "median_region_pixels": {"delta": int(e.delta_region.flatten(1).sum(1).median()) if len(e) else 0,
+                                                   "edge": int(e.edge_region.flatten(1).sum(1).median()) if len(e) else 0},
+                          "seconds": round(time.perf_counter() - started, 1)}, default=str))
     return 0
 
 
