@@ -104,7 +104,7 @@ RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.
            "agilenn_mnist.txt", "agilenn_synthetic.txt", "agilenn_easy.txt", "compression_shards.txt",
            "compression_iid.txt", "compression_iid_no_finetune.txt", "delta_build.json",
            "compare_sparse.md", "pictures_compression_table.md",
-           "delta_ablation.json"}
+           "delta_ablation.json", "faults.txt"}
 
 
 def _marked_tables():
