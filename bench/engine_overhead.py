@@ -9,10 +9,17 @@ in the same invocation (this machine is shared and noisy: compare ratios, not se
     python bench/engine_overhead.py --sizes 1000 --rounds 4 --skip-ray
     python bench/engine_overhead.py --sizes 100 1000 --skip-ray --repeats 3   # interleaved repeats
     python bench/engine_overhead.py --compute cuda --out gpu.txt              # on a GPU; keep the report
+    python bench/engine_overhead.py --compute cuda --sizes 100 --batch-clients 80 --paper   # + vmap, + VGG preset
 
 With ``--repeats k`` every engine runs k times, interleaved with the plain loop (plain, inprocess,
 ray, plain, ...), and each figure is the median over the k runs: on a shared machine one run's
 per-round time moves by 10-20% from run to run.
+
+``--batch-clients K`` adds a ``vectorized`` row: the ``inprocess`` engine with
+``engine.batch_clients=K`` (``fl/vectorized.py``). ``--paper`` adds one more table, the round of
+``sim=delta_paper`` (VGG16/VGG8 DELTA, 100 clients in four tiers, 80 a round) on synthetic
+CIFAR-shaped data for ``inprocess`` against Flower's ``ray`` engine, as ratios to ``ray``. Only the federated rounds are timed there: the central pair and DELTA are built once before,
+with one epoch per central step (their architecture, which sets a round's work, is the preset's).
 
 ``--compute`` is the simulator's ``compute`` key (``fl.compute``), given to the plain loop and to
 both engines alike; on ``ray``, ``cuda`` also reserves ``--gpus-per-client`` of a GPU per client
@@ -47,6 +54,11 @@ SIZES = {10: 1.0, 100: 0.8, 1000: 0.1}  # the issue's workloads: N=10 all, N=100
 # The issue's workload, which bench/plain_loop.py runs with the same settings.
 WORKLOAD = ["train.epochs=1", "train.batch_size=32", "train.lr=0.05", "train.momentum=0.0", "checkpoint_every=0",
             "data.partition.name=shards", "++data.partition.classes_per_client=3"]
+# The paper-scale preset (sim=delta_paper) offline, with one epoch per central step of its construction.
+PAPER = ["sim=delta_paper", "data=synthetic", "checkpoint_every=0", "model.pair.base_recipe.epochs=1",
+         "model.pair.edge_recipe.epochs=1", "model.construction.extract.epochs=1",
+         "model.construction.extract.finetune.epochs=0", "model.construction.train.epochs=1",
+         "model.construction.kd=null"]
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
@@ -82,13 +94,22 @@ def plain(n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str], 
             "peak_gpu": result.get("peak_gpu_bytes")}
 
 
-def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str],
-           args: argparse.Namespace) -> dict:
-    run_dir = tmp / f"{name}_{n}"
+def engine_overrides(name: str, args: argparse.Namespace) -> list[str]:
+    """``engine=...`` and its keys for one row: ``inprocess``, ``vectorized`` (inprocess + vmap) or ``ray``."""
+    if name == "vectorized":
+        return ["engine=inprocess", f"engine.batch_clients={args.batch_clients}"]
     gpus = [f"ray.num_gpus_per_client={args.gpus_per_client}"] if name == "ray" and args.compute != "cpu" else []
-    launched, peak = run_measured([sys.executable, "-m", "fl.simulate", f"engine={name}", f"num_clients={n}",
-                            f"fraction_fit={fraction}", f"rounds={rounds}", "eval_every=0", "progress=false", *WORKLOAD,
-                            f"compute={args.compute}", *gpus, f"hydra.run.dir={run_dir}"], env)
+    return [f"engine={name}", *gpus]
+
+
+def engine(name: str, n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str],
+           args: argparse.Namespace, workload: list[str] | None = None) -> dict:
+    run_dir = tmp / f"{name}_{n}"
+    workload = WORKLOAD if workload is None else workload
+    launched, peak = run_measured([sys.executable, "-m", "fl.simulate", *engine_overrides(name, args),
+                                   f"num_clients={n}", f"fraction_fit={fraction}", f"rounds={rounds}", "eval_every=0",
+                                   "progress=false", *workload, f"compute={args.compute}", f"hydra.run.dir={run_dir}"],
+                                  env)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     walls = [r["wall_s"] for r in rows]
     per_round = [b - a for a, b in zip(walls, walls[1:])]
@@ -116,18 +137,41 @@ def main() -> None:
     parser.add_argument("--compute", default="cpu", help="cpu (default), cuda, cuda:N or auto: where every engine trains")
     parser.add_argument("--gpus-per-client", type=float, default=0.1,
                         help="with --compute other than cpu: the GPU share Ray reserves per client (default 0.1)")
+    parser.add_argument("--batch-clients", type=int, default=0,
+                        help="K > 0 adds a 'vectorized' row: inprocess with engine.batch_clients=K")
+    parser.add_argument("--paper", action="store_true",
+                        help="also time the rounds of sim=delta_paper (synthetic data): inprocess against ray")
     add_out_option(parser)
     args = parser.parse_args()
+    if args.batch_clients < 0:
+        parser.error(f"--batch-clients must be 0 (off) or a positive number of clients, not {args.batch_clients}")
     with recorded(args.out):
         measure(args)
+
+
+def print_row(n: int, name: str, r: dict, base: dict, gpu: bool) -> None:
+    first = "-" if r["first_train_s"] is None else f"{r['first_train_s']:.2f}"
+    on_gpu = "-" if r["peak_gpu"] is None else f"{r['peak_gpu'] / 2**20:.0f}"
+    print(f"{n:>5} {name:>10} {r['round_s']:>8.3f} {r['round_s'] / base['round_s']:>8.2f} "
+          f"{r['peak_pss'] / 2**20:>9.0f} {r['peak_pss'] / base['peak_pss']:>8.2f} {first:>14}"
+          + (f" {on_gpu:>13}" if gpu else ""), flush=True)
+
+
+def header(base_name: str, gpu: bool) -> None:
+    print(f"{'N':>5} {'engine':>10} {'s/round':>8} {'x ' + base_name:>8} {'peak MiB':>9} {'x ' + base_name:>8} "
+          f"{'first train s':>14}" + (f" {'peak GPU MiB':>13}" if gpu else ""))
+
+
+def engines(args: argparse.Namespace) -> tuple[str, ...]:
+    names = ("inprocess", "vectorized") if args.batch_clients else ("inprocess",)
+    return names if args.skip_ray else (*names, "ray")
 
 
 def measure(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     print(f"compute={args.compute}, {args.rounds} rounds; median per-round time and peak PSS of each engine")
     gpu = args.compute != "cpu"
-    print(f"{'N':>5} {'engine':>10} {'s/round':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} {'first train s':>14}"
-          + (f" {'peak GPU MiB':>13}" if gpu else ""))
+    header("plain", gpu)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for n in args.sizes:
@@ -135,16 +179,29 @@ def measure(args: argparse.Namespace) -> None:
             runs: dict[str, list[dict]] = {}
             for _ in range(max(args.repeats, 1)):
                 runs.setdefault("plain", []).append(plain(n, fraction, args.rounds, tmp, env, args))
-                for name in ("inprocess",) if args.skip_ray else ("inprocess", "ray"):
+                for name in engines(args):
                     runs.setdefault(name, []).append(engine(name, n, fraction, args.rounds, tmp, env, args))
             results = {name: median_run(rs) for name, rs in runs.items()}
-            base = results["plain"]
             for name, r in results.items():
-                first = "-" if r["first_train_s"] is None else f"{r['first_train_s']:.2f}"
-                on_gpu = "-" if r["peak_gpu"] is None else f"{r['peak_gpu'] / 2**20:.0f}"
-                print(f"{n:>5} {name:>10} {r['round_s']:>8.3f} {r['round_s'] / base['round_s']:>8.2f} "
-                      f"{r['peak_pss'] / 2**20:>9.0f} {r['peak_pss'] / base['peak_pss']:>8.2f} {first:>14}"
-                      + (f" {on_gpu:>13}" if gpu else ""), flush=True)
+                print_row(n, name, r, results["plain"], gpu)
+        if args.paper:
+            paper(args, tmp, env, gpu)
+
+
+def paper(args: argparse.Namespace, tmp: Path, env: dict[str, str], gpu: bool) -> None:
+    """The rounds of ``sim=delta_paper`` on synthetic data, each engine against ``ray``."""
+    workload = [*PAPER, f"model.cache_dir={tmp / 'paper_cache'}", f"compute={args.compute}"]
+    built = subprocess.run([sys.executable, "-m", "fl.delta.pretrain", *workload], cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        sys.exit(f"building the paper preset's DELTA failed:\n{built.stdout[-2000:]}{built.stderr[-2000:]}")
+    names = ("inprocess", "ray")  # DELTA's clients have their own trainer: engine.batch_clients leaves them alone
+    results = {name: median_run([engine(name, 100, 0.8, args.rounds, tmp / "paper", env, args, workload)
+                                 for _ in range(max(args.repeats, 1))]) for name in names}
+    print(f"\nsim=delta_paper (VGG16 base, VGG8 edge, 100 clients, 80 a round), synthetic data, {args.rounds} rounds")
+    header("ray", gpu)
+    for name, r in results.items():
+        print_row(100, name, r, results["ray"], gpu)
 
 
 if __name__ == "__main__":

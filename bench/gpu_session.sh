@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
 # The GPU measurements in one script, for a machine with a CUDA device: install, the GPU tests, then
-# the GPU benchmarks, each report written under $OUT (default: gpu-results/). From the repository root:
+# the GPU benchmarks, each report written under $OUT (default: gpu-results/) and the whole output in
+# $OUT/session.log. From the repository root:
 #
 #     OUT=gpu-results bash bench/gpu_session.sh
+#     SKIP_INSTALL=1 OUT=gpu-results bash bench/gpu_session.sh   # the packages are importable already
 #
-# Budget: about 10 minutes on one H200 (install about 2, tests about 1, benchmarks about 6).
+# Budget: under 10 minutes on one H200 (tests about 2, benchmarks about 7); each step has its own
+# time limit, so a slow step costs its own figures only.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
+exec > >(tee "$OUT/session.log") 2>&1
+export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-pip install -q -c constraints.txt -e ".[dev]" > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -20 "$OUT/install.log"; exit 1; }
-python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
-timeout 300 python -m pytest -m gpu -p no:cacheprovider -q -rs > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests: exit $?"
-tail -3 "$OUT/gpu_tests.txt"
-timeout 240 python bench/vectorized.py --sizes 10 80 --rounds 4 --compute cuda --out "$OUT/vectorized_cuda.txt"
-timeout 420 python bench/engine_overhead.py --sizes 100 1000 --compute cuda --out "$OUT/engine_overhead_cuda.txt"
+if [ -z "${SKIP_INSTALL:-}" ]; then
+    pip install -q -c constraints.txt -e ".[dev]" || { echo "install failed"; exit 1; }
+fi
+python -c "import torch, flwr, ray; print('torch', torch.__version__, torch.cuda.get_device_name(0), '| flwr', flwr.__version__, '| ray', ray.__version__)" | tee -a "$OUT/gpu.txt"
+
+step() {  # step SECONDS NAME COMMAND...: run with a time limit and say how it ended
+    local limit=$1 name=$2; shift 2
+    local started=$SECONDS
+    timeout "$limit" "$@"; local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - started)) s (limit $limit s)"
+}
+
+step 150 "gpu tests" python -m pytest -m gpu tests/test_compute.py tests/test_resident_data.py -p no:cacheprovider -q -rs \
+    --junitxml="$OUT/gpu_tests.xml"
+step 70 "vectorized" python bench/vectorized.py --sizes 10 80 --rounds 4 --compute cuda --out "$OUT/vectorized_cuda.txt"
+step 220 "engines, N=100 and the paper preset" python bench/engine_overhead.py --sizes 100 --batch-clients 80 --paper \
+    --compute cuda --out "$OUT/engine_overhead_cuda.txt"
+step 130 "engines, N=1000" python bench/engine_overhead.py --sizes 1000 --batch-clients 80 --compute cuda \
+    --out "$OUT/engine_overhead_cuda_1000.txt"
