@@ -10,9 +10,12 @@ folder, and any node whose ClientApp does not answer the query (an error reply o
 a stock Flower ClientApp with only ``@app.train()`` and ``@app.evaluate()``. That fallback is
 quiet: one log line, no error, and nothing counted as a training failure (the query is control
 traffic, ``fl.engine.metered``). The lowest node id is asked first; when its ClientApp has no
-query handler at all, the federation is taken to be such ClientApps and the others are not asked
-(a stock ClientApp raises on the query, which Flower's simulation logs with a traceback: one
-instead of one per node). With ``partition_query=false`` in the run's configuration nobody is asked:
+query handler at all, the federation is taken to be such ClientApps and the others are not asked.
+A stock ClientApp raises on the query, and Flower's simulation engine logs that exception with its
+traceback in the server's process: while the first node is asked, the ``flwr`` logger's errors are
+held back, and dropped when the answer is that error (this directory's one line says it instead),
+else logged as they came. A SuperNode on a device logs it in its own log, on the device.
+With ``partition_query=false`` in the run's configuration nobody is asked:
 every node takes a partition id in node-id order, and a stock ClientApp sees no query at all. A
 node may report more with its partition (a deployed device's DELTA
 tier, ``fl.delta.slices.DELTA_TIER``); the directory keeps those numbers by partition
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -67,8 +72,12 @@ class NodeDirectory:
         reported: dict[int, int] = {}  # node -> reported partition
         extra: dict[int, dict[str, float]] = {}  # node -> the other numbers of its answer
         answer_by = time.time() + timeout  # one wait for both asks
-        errors = _ask(grid, node_ids[:1], reported, extra, timeout)  # the first node alone (see the docstring)
-        if not any(NO_QUERY_HANDLER in reason for reason in errors.values()):
+        with flower_errors_held() as held:
+            errors = _ask(grid, node_ids[:1], reported, extra, timeout)  # the first node alone (see the docstring)
+            stock = any(NO_QUERY_HANDLER in reason for reason in errors.values())
+            if stock:
+                held.clear()  # Flower's log of that query's failure, which the line below reports
+        if not stock:
             errors.update(_ask(grid, node_ids[1:], reported, extra, max(answer_by - time.time(), 1.0)))
         mapping = {partition: node for node, partition in reported.items()}
         next_id = max(mapping, default=-1) + 1
@@ -82,6 +91,28 @@ class NodeDirectory:
             log.info("partition query: %d of %d nodes reported no partition (%s); they take partition ids %d-%d "
                      "in node-id order", len(unreported), len(node_ids), why, next_id - len(unreported), next_id - 1)
         return cls(mapping, {partition: extra[node] for partition, node in mapping.items() if extra.get(node)})
+
+
+@contextmanager
+def flower_errors_held() -> Iterator[list[logging.LogRecord]]:
+    """Hold back the ``flwr`` logger's ERROR records until the block ends, then log those still in
+    the yielded list (the block may clear it)."""
+    flower = logging.getLogger("flwr")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        held.append(record)
+        return False
+
+    flower.addFilter(hold)
+    try:
+        yield held
+    finally:
+        flower.removeFilter(hold)
+        for record in held:
+            flower.handle(record)
 
 
 def _ask(grid: Grid, node_ids: list[int], reported: dict[int, int], extra: dict[int, dict[str, float]],

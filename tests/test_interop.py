@@ -260,22 +260,44 @@ def test_our_server_with_a_stock_client_app_on_flowers_simulation_and_no_query(t
 
 
 @pytest.mark.slow
-def test_our_server_with_a_stock_client_app_on_flowers_simulation(tmp_path, capfd):
-    """On Flower's engine the stock ClientApp raises on the one query it gets, and Flower's engine logs
-    that (one traceback, the only one); the run is clean and its metrics count no failure."""
+def test_our_server_with_a_stock_client_app_on_flowers_simulation(tmp_path, capfd, caplog):
+    """On Flower's engine the stock ClientApp raises on the one query it gets; Flower's engine logs that
+    with a traceback, which the directory holds back and replaces with its one line: no traceback at
+    all, a clean run, and no failure in its metrics."""
     from fl.engine.ray_sim import run_on_ray
     from fl.server import RunOutcome, build_server_app
 
     run_dir = tmp_path / "run"
     spec = _server_spec(run_dir, 4)
     outcome = RunOutcome()
-    run_on_ray(build_server_app(spec, [], outcome), stock_client_app(), 4)
+    with caplog.at_level(logging.INFO):
+        run_on_ray(build_server_app(spec, [], outcome), stock_client_app(), 4)
     assert outcome.error is None
     _check_clean_run(run_dir, 4)
     out = capfd.readouterr()
-    logged = out.out + out.err
-    assert logged.count("Traceback") <= 1 and logged.count("Traceback") == logged.count("Traceback (most recent call last)")
+    logged = out.out + out.err + caplog.text
+    assert "Traceback" not in logged and "No query function" not in logged
     assert "No train function" not in logged and "No evaluate function" not in logged
+    assert "4 of 4 nodes reported no partition (their ClientApp has no partition query handler)" in caplog.text
+
+
+def test_flowers_errors_are_held_back_only_when_the_block_drops_them(caplog):
+    """The first node's query: Flower's error records are dropped when they are the stock ClientApp's
+    missing handler, and logged as they came otherwise (a real failure stays visible)."""
+    from fl.node_directory import flower_errors_held
+
+    flower = logging.getLogger("flwr")
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        with flower_errors_held() as held:
+            flower.error("No query function registered with name 'partition'")
+            flower.info("an info line passes at once")
+            assert [r.getMessage() for r in caplog.records] == ["an info line passes at once"]
+            held.clear()
+        with flower_errors_held():
+            flower.error("ClientApp raised: division by zero")
+    assert [r.getMessage() for r in caplog.records] == ["an info line passes at once",
+                                                         "ClientApp raised: division by zero"]
+    assert not flower.filters
 
 
 # -- the directory's fallback, on a scripted grid ----------------------------------------------------------
