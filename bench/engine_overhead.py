@@ -18,7 +18,8 @@ per-round time moves by 10-20% from run to run.
 ``--batch-clients K`` adds a ``vectorized`` row: the ``inprocess`` engine with
 ``engine.batch_clients=K`` (``fl/vectorized.py``). ``--paper`` adds one more table, the round of
 ``sim=delta_paper`` (VGG16/VGG8 DELTA, 100 clients in four tiers, 80 a round) on synthetic
-CIFAR-shaped data for ``inprocess`` against Flower's ``ray`` engine, as ratios to ``ray``. Only the federated rounds are timed there: the central pair and DELTA are built once before,
+CIFAR-shaped data for ``inprocess`` (and ``vectorized``: each tier's clients as one vmap) against
+Flower's ``ray`` engine, as ratios to ``ray``. Only the federated rounds are timed there: the central pair and DELTA are built once before,
 with one epoch per central step (their architecture, which sets a round's work, is the preset's).
 
 ``--compute`` is the simulator's ``compute`` key (``fl.compute``), given to the plain loop and to
@@ -195,7 +196,7 @@ def paper(args: argparse.Namespace, tmp: Path, env: dict[str, str], gpu: bool) -
                            capture_output=True, text=True)
     if built.returncode != 0:
         sys.exit(f"building the paper preset's DELTA failed:\n{built.stdout[-2000:]}{built.stderr[-2000:]}")
-    names = ("inprocess", "ray")  # DELTA's clients have their own trainer: engine.batch_clients leaves them alone
+    names = ("inprocess", "vectorized", "ray") if args.batch_clients else ("inprocess", "ray")
     results = {name: median_run([engine(name, 100, 0.8, args.rounds, tmp / "paper", env, args, workload)
                                  for _ in range(max(args.repeats, 1))]) for name in names}
     print(f"\nsim=delta_paper (VGG16 base, VGG8 edge, 100 clients, 80 a round), synthetic data, {args.rounds} rounds")

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord
+from torch.func import functional_call
 
 from clients.resident import borrowed_model
 from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer, slice_codec_from
@@ -33,6 +35,7 @@ from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN
                              VAL_FRACTION, WIDTH, WITH_FROZEN, download_layout, is_frozen, same_keep,
                              template_state, upload_layout)
 from fl.local_training import ClientData, evaluate
+from fl.vectorized import State, sgd_steps
 from fl.message_keys import CODEC, NUM_EXAMPLES, UP_CODEC
 
 NAME = "delta"  # the trainer and evaluator name the server puts in config["trainer"]
@@ -74,9 +77,7 @@ def delta(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator
 
         def reply() -> ArrayRecord:
             # 4. upload the width-w blocks (+ E on edge rounds)
-            reference, keep = upload_layout(full, s.arch_json, s.width, s.train_edge)
-            state = to_cpu(model.state_dict())
-            return slice_codec_from(config, UP_CODEC, NAME).encode_slices({name: state[name] for name in reference}, keep)
+            return upload(to_cpu(model.state_dict()), config, s, full)
 
         yield Session(model, train, reply)
 
@@ -117,10 +118,7 @@ def receive(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv, s: DeltaC
 def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: DeltaClientSettings,
                 generator: torch.Generator) -> dict[str, float]:
     hyper = hyper_from(config)
-    model.freeze(edge=not s.train_edge)
-    model.train()
-    if not s.train_edge:
-        model.edge.eval()
+    training_mode(model, s)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=hyper.lr, momentum=hyper.momentum, weight_decay=hyper.weight_decay)
     device = model_device(model)
@@ -149,7 +147,63 @@ def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: De
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
+def train_fused_vectorized(model: FusedDelta, receiveds: Sequence[State], datas: Sequence[ClientData],
+                           config: ConfigRecord, s: DeltaClientSettings,
+                           generators: Sequence[torch.Generator]) -> tuple[list[State], list[dict[str, float]]]:
+    """``train_fused`` for K clients of one tier (same width, config and step schedule) as one vmap
+    (``fl.vectorized.sgd_steps``): each client from its own received state, with its own data and
+    generator; returns their state dicts and metrics. ``model`` is a scratch width-w model on the
+    device the clients train on: its weights are overwritten."""
+    hyper = hyper_from(config)
+    training_mode(model, s)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    device = model_device(model)
+    keys = list(model.state_dict().keys())
+    stacked = {name: torch.stack([r[name] for r in receiveds]).to(device) for name in keys}
+    objective = _FusedObjective(model, s)
+
+    def loss_of(state: State, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return functional_call(objective, {f"model.{name}": t for name, t in state.items()}, (x, y))
+
+    metrics = sgd_steps(stacked, trainable, datas, hyper, generators, 1, loss_of)
+    model.eval()
+    return [{name: stacked[name][i].clone() for name in keys} for i in range(len(datas))], metrics
+
+
+class _FusedObjective(nn.Module):
+    """One batch's loss of ``train_fused`` (and its logits) as a module, for ``functional_call``."""
+
+    def __init__(self, model: FusedDelta, s: DeltaClientSettings):
+        super().__init__()
+        self.model, self.s = model, s
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model, s = self.model, self.s
+        parts = model.branches(x) if s.train_edge else fuse(model, model.delta(x), *model.edge_outputs(x))
+        logits = model.classifier(parts.fused)
+        loss = F.cross_entropy(logits, y)
+        if s.fnc:
+            loss = loss + s.fnc * fnc_loss(parts.delta_out, parts.edge_out)
+        if s.sr:
+            loss = loss + s.sr * group_lasso(model.delta)
+        return loss, logits
+
+
+def upload(state: State, config: ConfigRecord, s: DeltaClientSettings, full: State) -> ArrayRecord:
+    """The reply's arrays: the trained width-w blocks (+ E on edge rounds) of ``state`` (on the CPU)."""
+    reference, keep = upload_layout(full, s.arch_json, s.width, s.train_edge)
+    return slice_codec_from(config, UP_CODEC, NAME).encode_slices({name: state[name] for name in reference}, keep)
+
+
 # -- helpers -------------------------------------------------------------------------------------------------
+
+def training_mode(model: FusedDelta, s: DeltaClientSettings) -> None:
+    """The base classifier frozen, and E unless it trains this round (then in eval mode too)."""
+    model.freeze(edge=not s.train_edge)
+    model.train()
+    if not s.train_edge:
+        model.edge.eval()
+
 
 def tier_model(s: DeltaClientSettings, device: torch.device):
     """A resident width-w fused model on ``device`` (weights are whatever the last user left: load them)."""
@@ -158,4 +212,5 @@ def tier_model(s: DeltaClientSettings, device: torch.device):
     return borrowed_model((NAME, s.arch_json, s.width, str(device)), lambda: FusedDelta(tier).to(device))
 
 
-__all__ = ["NAME", "DeltaClientSettings", "delta", "delta_evaluate", "receive", "train_fused"]
+__all__ = ["NAME", "DeltaClientSettings", "delta", "delta_evaluate", "receive", "train_fused", "train_fused_vectorized",
+           "upload"]

@@ -15,7 +15,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from clients.app import build_client_app, first_train_time
-from clients.batched import DenseBatching
+from clients.batched import ClientBatching
 from fl.checkpoint import Checkpoint
 from fl.compute import peak_accelerator_memory
 from fl.engine.inprocess import InProcessGrid
@@ -38,15 +38,15 @@ class EngineSpec:
 
 
 def batches_clients(engine: EngineSpec, client: ClientSpec, faults: FaultSpec | None) -> bool:
-    """Whether the in-process engine trains dense clients as one vmap (``engine.batch_clients`` > 1):
+    """Whether the in-process engine trains dense and DELTA clients as one vmap (``engine.batch_clients`` > 1):
     not with plugins or active faults, whose client hooks and mods see one message at a time."""
     return engine.batch_clients > 1 and not client.plugins and not (faults is not None and faults.active)
 
 
-def client_batching(spec: ServerSpec, engine: EngineSpec, faults: FaultSpec | None) -> DenseBatching | None:
+def client_batching(spec: ServerSpec, engine: EngineSpec, faults: FaultSpec | None) -> ClientBatching | None:
     """The in-process engine's vectorized dense clients, or None (``batches_clients``); whether the
     model allows them is checked with the config (``fl.config``)."""
-    return DenseBatching(spec.client, engine.batch_clients) if batches_clients(engine, spec.client, faults) else None
+    return ClientBatching(spec.client, engine.batch_clients) if batches_clients(engine, spec.client, faults) else None
 
 
 def execute(spec: ServerSpec, engine: EngineSpec, *, launched_at: float | None = None,

@@ -32,7 +32,7 @@ the real component.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -101,17 +101,46 @@ def _train_group(model: nn.Module, received: State, datas: Sequence[ClientData],
     model.load_state_dict(received)
     model.train()
     device = model_device(model)
-    param_names = [name for name, _ in model.named_parameters()]
-    params = {name: received[name].detach().to(device).unsqueeze(0).repeat(k, *[1] * received[name].dim())
-              for name in param_names}
-    buffers = {name: received[name].detach().to(device).unsqueeze(0).repeat(k, *[1] * received[name].dim()).contiguous()
-               for name, _ in model.named_buffers()}
+    keys = list(model.state_dict().keys())
+    stacked = {name: received[name].detach().to(device).unsqueeze(0).repeat(k, *[1] * received[name].dim())
+               for name in keys}
 
-    def loss_of(p: State, b: State, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = functional_call(model, (p, b), (x,))
+    def loss_of(state: State, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = functional_call(model, state, (x,))
         return F.cross_entropy(logits, y), logits
 
-    step = vmap(grad_and_value(loss_of, has_aux=True), in_dims=(0, 0, 0, 0))
+    metrics = sgd_steps(stacked, [name for name, _ in model.named_parameters()], datas, hyper, generators, min_size,
+                        loss_of)
+    buffers = {name for name, _ in model.named_buffers()}
+    states = []
+    for i, data in enumerate(datas):
+        state = {name: stacked[name][i].clone() for name in keys}
+        if hyper.bn_stats != "ema" and any(name in buffers for name in keys):
+            model.load_state_dict(state)
+            statistics_after(model, data, hyper, befores[i])
+            state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        states.append(state)
+    return states, metrics
+
+
+def sgd_steps(stacked: State, trainable: Sequence[str], datas: Sequence[ClientData], hyper: TrainHyper,
+              generators: Sequence[torch.Generator], min_size: int,
+              loss_of: Callable[[State, Tensor, Tensor], tuple[Tensor, Tensor]]) -> list[dict[str, float]]:
+    """E epochs of minibatch SGD for K clients with the same step schedule, in place on ``stacked``
+    (every state tensor with a leading client axis of K): each step is one vmap of
+    ``grad_and_value(loss_of)`` over the clients, differentiating the ``trainable`` entries only (the
+    others, frozen weights and buffers, are read and, for BatchNorm in training mode, updated in
+    place per client). ``loss_of(state, x, y)`` returns one client's (loss, logits) for one batch.
+    Returns each client's mean training loss and accuracy."""
+    k = len(datas)
+    params = {name: stacked[name] for name in trainable}
+    rest = {name: t for name, t in stacked.items() if name not in params}
+
+    def objective(p: State, r: State, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return loss_of({**p, **r}, x, y)
+
+    step = vmap(grad_and_value(objective, has_aux=True), in_dims=(0, 0, 0, 0))
+    device = next(iter(stacked.values())).device
     momentum: State | None = None
     loss_sum, correct, seen = [0.0] * k, [0] * k, [0] * k
     n = len(datas[0])
@@ -122,23 +151,14 @@ def _train_group(model: nn.Module, received: State, datas: Sequence[ClientData],
             batches = [data.images.get(order[start:end]) for data, order in zip(datas, orders)]
             x = torch.stack([b[0] for b in batches]).to(device)
             y = torch.stack([b[1] for b in batches]).to(device)
-            grads, (loss, logits) = step(params, buffers, x, y)
+            grads, (loss, logits) = step(params, rest, x, y)
             momentum = _sgd(params, grads, momentum, hyper)
             for i, (value, hits) in enumerate(zip(loss.tolist(), (logits.argmax(-1) == y).sum(-1).tolist())):
                 loss_sum[i] += value * (end - start)
                 correct[i] += int(hits)
                 seen[i] += end - start
-    states, metrics = [], []
-    keys = list(model.state_dict().keys())
-    for i, data in enumerate(datas):
-        state = {name: (params[name][i] if name in params else buffers[name][i]).clone() for name in keys}
-        if hyper.bn_stats != "ema" and any(name in buffers for name in keys):
-            model.load_state_dict(state)
-            statistics_after(model, data, hyper, befores[i])
-            state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-        states.append(state)
-        metrics.append({"train_loss": loss_sum[i] / max(seen[i], 1), "train_accuracy": correct[i] / max(seen[i], 1)})
-    return states, metrics
+    return [{"train_loss": loss_sum[i] / max(seen[i], 1), "train_accuracy": correct[i] / max(seen[i], 1)}
+            for i in range(k)]
 
 
 @torch.no_grad()

@@ -141,14 +141,14 @@ def test_engine_batch_clients_gives_the_sequential_run(tmp_path, monkeypatch):
     from tests.helpers import run_inprocess
 
     calls = []
-    batched_call = clients.batched.DenseBatching.__call__
+    batched_call = clients.batched.ClientBatching.__call__
 
     def counted(self, work):
         replies = batched_call(self, work)
         calls.append(len(work))
         return replies
 
-    monkeypatch.setattr(clients.batched.DenseBatching, "__call__", counted)
+    monkeypatch.setattr(clients.batched.ClientBatching, "__call__", counted)
 
     overrides = ["seed=3", "rounds=2", "train.momentum=0.9", "num_clients=8", "fraction_fit=0.5"]
     _, seq_dir = run_inprocess(tmp_path / "seq", overrides)
@@ -159,6 +159,35 @@ def test_engine_batch_clients_gives_the_sequential_run(tmp_path, monkeypatch):
     assert worst <= 1e-5, worst
     _rows_close(read_metrics(seq_dir), read_metrics(vec_dir))
     assert sorted(calls) == [1, 1, 3, 3]  # 4 clients a round in chunks of at most 3 (on 2 threads), none fell back
+
+
+def test_engine_batch_clients_gives_the_sequential_delta_run(tmp_path, monkeypatch):
+    """DELTA with four tiers: each tier's clients train as one vmap; model, metrics and bytes as sequential."""
+    import clients.batched
+    from fl.run_logger import read_metrics
+    from tests.golden import TINY_DELTA
+    from tests.helpers import run_inprocess
+
+    calls = []
+    vectorized = clients.batched.train_fused_vectorized
+
+    def counted(model, receiveds, datas, *args):
+        calls.append(len(datas))
+        return vectorized(model, receiveds, datas, *args)
+
+    monkeypatch.setattr(clients.batched, "train_fused_vectorized", counted)
+    overrides = ["sim=delta_100clients", "num_clients=8", "fraction_fit=1.0", "rounds=2", "seed=2",
+                 f"model.cache_dir={tmp_path}/cache", *TINY_DELTA, "data.partition.name=iid",
+                 "~data.partition.classes_per_client"]  # equal sizes: a tier's clients share a step schedule
+    _, seq_dir = run_inprocess(tmp_path / "seq", overrides)
+    assert calls == []
+    _, vec_dir = run_inprocess(tmp_path / "vec", overrides + ["engine.batch_clients=8"])
+    a, b = torch.load(seq_dir / "final_model.pt"), torch.load(vec_dir / "final_model.pt")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) / max(float(a[k].abs().max()), 1.0) for k in a if a[k].is_floating_point())
+    assert worst <= 1e-5, worst
+    _rows_close(read_metrics(seq_dir), read_metrics(vec_dir))
+    assert calls == [2] * 8  # each round, each of the four tiers' two clients as one vmap
 
 
 @pytest.mark.parametrize("value,message", [
@@ -197,3 +226,50 @@ def test_a_model_vectorized_clients_cannot_train_is_refused_with_the_config(tmp_
         build(cfg, str(tmp_path))
     build(compose_config(SMALL + SMALL_SYNTHETIC + ["model=mobilenetv2_035", "engine.batch_clients=2",
                                                     "plugins=[update_norms]"]), str(tmp_path))  # not batched: accepted
+
+
+# -- DELTA per tier: clients/delta_trainer.train_fused_vectorized ---------------------------------------------
+
+def _delta_both_ways(train_edge, width, sizes=(40, 40, 33, 7)):
+    from flwr.app import ConfigRecord
+
+    from clients.delta_trainer import DeltaClientSettings, train_fused, train_fused_vectorized
+    from fl.delta.network import FusedDelta
+    from tests.test_delta_network import tiny_arch
+
+    arch = tiny_arch(image_size=8, num_classes=3)
+    tier = arch if width == 1.0 else arch.scaled(width)
+    torch.manual_seed(0)
+    model = FusedDelta(tier)
+    for module in model.modules():  # BatchNorm statistics that differ from their initial values
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.8, 1.2)
+    received = {k: v.clone() for k, v in model.state_dict().items()}
+    s = DeltaClientSettings(arch.to_json(), width, True, 1, train_edge, fnc=0.1, sr=1e-3, val_fraction=0.0)
+    config = ConfigRecord({"epochs": 2, "batch_size": 16, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4})
+    clients = _clients(sizes)
+    sequential = []
+    for data, g in zip(clients, _generators(len(clients))):
+        model.load_state_dict(received)
+        metrics = train_fused(model, data, config, s, g)
+        sequential.append(({k: v.clone() for k, v in model.state_dict().items()}, metrics))
+    vectorized = []
+    for members in groups(clients, TrainHyper(epochs=2, batch_size=16), 1):
+        states, metrics = train_fused_vectorized(FusedDelta(tier), [received] * len(members),
+                                                 [clients[k] for k in members], config, s,
+                                                 [_generators(len(clients))[k] for k in members])
+        vectorized += [(k, state, m) for k, state, m in zip(members, states, metrics)]
+    return sequential, [(state, m) for _, state, m in sorted(vectorized, key=lambda row: row[0])]
+
+
+@pytest.mark.parametrize("train_edge,width", [(False, 1.0), (False, 0.5), (True, 1.0)],
+                         ids=["delta", "narrow-tier", "edge-round"])
+def test_delta_vectorized_equals_sequential(train_edge, width):
+    """Every weight, buffer and metric of each client of a tier (frozen E and classifier; an edge
+    round trains E too), with FNC and group-lasso terms, momentum and weight decay."""
+    sequential, vectorized = _delta_both_ways(train_edge, width)
+    worst = _max_relative_difference(sequential, vectorized)
+    assert worst <= 1e-5, worst
+    frozen = [k for k in sequential[0][0] if k.startswith("classifier.")]
+    assert all(torch.equal(state[k], sequential[0][0][k]) for state, _ in vectorized for k in frozen)
