@@ -19,8 +19,9 @@ per-round time moves by 10-20% from run to run.
 ``engine.batch_clients=K`` (``fl/vectorized.py``). ``--paper`` adds one more table, the round of
 ``sim=delta_paper`` (VGG16/VGG8 DELTA, 100 clients in four tiers, 80 a round) on synthetic
 CIFAR-shaped data for ``inprocess`` (and ``vectorized``: each tier's clients as one vmap) against
-Flower's ``ray`` engine, as ratios to ``ray``. Only the federated rounds are timed there: the central pair and DELTA are built once before,
-with one epoch per central step (their architecture, which sets a round's work, is the preset's).
+Flower's ``ray`` engine, as ratios to ``ray``. Only the federated rounds are timed there: the
+central pair and DELTA are built once before, with one epoch per central step (their architecture,
+which sets a round's work, is the preset's).
 
 ``--compute`` is the simulator's ``compute`` key (``fl.compute``), given to the plain loop and to
 both engines alike; on ``ray``, ``cuda`` also reserves ``--gpus-per-client`` of a GPU per client
