@@ -4,9 +4,13 @@ the same run without faults (same seed, data, partition, initial model).
     python bench/faults_report.py            # 100 clients, 80 per round, 20 rounds (defaults)
     python bench/faults_report.py rounds=5   # any fl.simulate override, applied to both runs
     python bench/faults_report.py --out docs/results/faults.txt   # also keep the report (bench/report.py)
+    python bench/faults_report.py --hostile data=mnist data.root=../shared/data num_clients=20 ...
 
 Prints rounds completed, replies that failed, updates rejected, whether any aggregated update was
-non-finite, and the final accuracy of both runs with their difference in points.
+non-finite, and the final accuracy of both runs with their difference in points. With
+``--hostile``: the clean run against a tenth of the clients hostile in every round
+(``faults.hostile=0.1``), once sending weights of 3e38 (``huge``) and once claiming ``num-examples``
+1e30 (``inflate``), with the updates the robust bounds refused.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ def run(run_dir: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("extra", nargs="*", help="fl.simulate overrides for both runs, e.g. rounds=5")
+    parser.add_argument("--hostile", action="store_true", help="hostile clients (huge weights, inflated counts)")
     add_out_option(parser)
     args = parser.parse_args()
     with recorded(args.out):
-        report(args.extra)
+        (hostile if args.hostile else report)(args.extra)
 
 
 def report(extra: list[str]) -> None:
@@ -56,6 +61,19 @@ def report(extra: list[str]) -> None:
           f"failed replies {sum(r['failures'] for r in rounds)}; rejected updates {sum(r['rejected'] for r in rounds)}; "
           f"final model finite: {finite}")
     print(f"difference: {100 * (clean['final_accuracy'] - faulty['final_accuracy']):+.2f} points")
+
+
+def hostile(extra: list[str]) -> None:
+    print(f"overrides: {' '.join(extra) or '(defaults)'}")
+    finals = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("clean", "huge", "inflate"):
+            faults = [] if kind == "clean" else ["faults.hostile=0.1", f"faults.hostile_kind={kind}"]
+            summary, rows = run(Path(tmp) / kind, [*faults, *extra])
+            finals[kind] = summary["final_accuracy"]
+            refused = [r["rejected"] for r in rows if r["round"] > 0]
+            print(f"{kind:>8}: final accuracy {summary['final_accuracy']:.4f}; updates refused per round "
+                  f"{' '.join(map(str, refused))}; difference to clean {100 * (finals[kind] - finals['clean']):+.2f} points")
 
 
 if __name__ == "__main__":
