@@ -106,7 +106,7 @@ RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.
            "compare_sparse.md", "pictures_compression_table.md",
            "delta_ablation.json", "faults.txt", "xdelta_designed_seed0.txt", "xdelta_designed_seed1.txt",
            "xdelta_designed_seed2.txt", "xdelta_designed_box30.txt", "xdelta_designed_box12.txt",
-           "xdelta_designed_flat.txt"}
+           "xdelta_designed_flat.txt", "hostile.txt"}
 
 
 def _marked_tables():
