@@ -106,7 +106,8 @@ RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.
            "compare_sparse.md", "pictures_compression_table.md",
            "delta_ablation.json", "faults.txt", "xdelta_designed_seed0.txt", "xdelta_designed_seed1.txt",
            "xdelta_designed_seed2.txt", "xdelta_designed_box30.txt", "xdelta_designed_box12.txt",
-           "xdelta_designed_flat.txt", "hostile.txt"}
+           "xdelta_designed_flat.txt", "hostile.txt", "delta_build_60.json",
+           "delta_build_unshifted.json", "delta_build_unshifted_60.json"}
 
 
 def _marked_tables():
