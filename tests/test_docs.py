@@ -107,7 +107,8 @@ RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.
            "delta_ablation.json", "faults.txt", "xdelta_designed_seed0.txt", "xdelta_designed_seed1.txt",
            "xdelta_designed_seed2.txt", "xdelta_designed_box30.txt", "xdelta_designed_box12.txt",
            "xdelta_designed_flat.txt", "hostile.txt", "delta_build_60.json",
-           "delta_build_unshifted.json", "delta_build_unshifted_60.json"}
+           "delta_build_unshifted.json", "delta_build_unshifted_60.json",
+           "agilenn_federated_mnist.txt", "agilenn_federated_synthetic.txt"}
 
 
 def _marked_tables():
