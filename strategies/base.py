@@ -39,7 +39,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fl.message_keys import ARRAYS, CODEC, CONFIG, METRICS, SERVER_ROUND, UP_CODEC
 from fl.node_directory import NodeDirectory
-from fl.payload import State, example_payload, get_codec, resolve_codec
+from fl.payload import State, array_values, example_payload, get_codec, resolve_codec
 from fl.sampling import sample_partitions
 from fl.served import ServedStrategy
 
@@ -366,7 +366,7 @@ def truthful_metadata(record: ArrayRecord) -> str | None:
     """Why an array's bytes contradict its metadata (shape, dtype), or None."""
     for name, array in record.items():
         try:
-            values = array.numpy()
+            values = array_values(array)
         except Exception as exc:
             return f"{name!r} does not decode ({type(exc).__name__}: {exc})"
         if list(values.shape) != list(array.shape) or values.dtype != np.dtype(array.dtype):

@@ -150,3 +150,35 @@ def test_every_strategy_declares_its_family_and_resolves_both_codecs_there():
 
     expected = {"fedavg": "dense", "agilenn": "dense", "feddst": "bitmap", "hermes": "slice", "delta": "slice"}
     assert {name: STRATEGIES.get(name).payload_family for name in expected} == expected
+
+
+# -- array_values: Array.numpy() without re-parsing each .npy header ------------------------------------------
+
+@pytest.mark.parametrize("values", [
+    np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+    np.array(3.5, dtype=np.float64), np.zeros((0, 5), dtype=np.int64), np.array([True, False, True]),
+    np.arange(6, dtype=np.float16), np.arange(4, dtype=">i4"),
+], ids=["f32-3d", "fortran", "0-d", "empty", "bool", "f16", "big-endian"])
+def test_array_values_equal_flowers_own_decoding(values):
+    from flwr.app import Array
+
+    from fl.payload import array_values
+
+    array = Array(values)
+    got, expected = array_values(array), array.numpy()
+    assert got.dtype == expected.dtype and got.shape == expected.shape and np.array_equal(got, expected)
+    assert got.flags.writeable and not np.shares_memory(got, np.frombuffer(array.data, dtype=np.uint8))
+
+
+def test_array_values_of_truncated_bytes_fail_as_flowers_do():
+    from flwr.app import Array
+
+    from fl.payload import array_values
+
+    array = Array(np.arange(100, dtype=np.float32))
+    short = Array(dtype=array.dtype, shape=array.shape, stype=array.stype, data=array.data[:-8])
+    with pytest.raises(Exception) as ours:
+        array_values(short)
+    with pytest.raises(Exception) as flowers:
+        short.numpy()
+    assert type(ours.value) is type(flowers.value)

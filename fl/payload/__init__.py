@@ -28,7 +28,7 @@ reference state (names, shapes, dtypes) to decode; it always has one (its own mo
 from fl.payload.accounting import payload_bytes, wire_bytes
 from fl.payload.bitmap import (BITMAP_VALUES, BitmapCodec, Masks, bitmap_codec, decode_bitmap, encode_bitmap, has_bitmap,
                                nonzero_masks)
-from fl.payload.codec import CODECS, Codec, State, get_codec, register_codec
+from fl.payload.codec import CODECS, Codec, State, array_values, get_codec, register_codec
 from fl.payload.family import FAMILIES, family_of, resolve_codec
 from fl.payload.features import (FEATURE_CODED, coded_bytes_per_sample, decode_features, decode_indices, decode_tensors,
                                  encode_features, encode_indices, encode_tensors, index_bits)
@@ -39,6 +39,7 @@ from fl.payload.update import (RESIDUAL_KEY, UPDATE_VALUES, UpdateCodec, decode_
                                topk_count, update_codec)
 
 __all__ = [
+    "array_values",
     "BITMAP_VALUES", "CODECS", "FAMILIES", "FEATURE_CODED", "RESIDUAL_KEY", "SLICE_VALUES", "UPDATE_VALUES",
     "BitmapCodec", "Codec", "Keep", "Masks", "SliceCodec", "State", "UpdateCodec",
     "bitmap_codec", "coded_bytes_per_sample", "decode_bitmap", "decode_features", "decode_indices", "decode_shared",

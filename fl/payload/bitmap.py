@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fl.payload.codec import Codec, State, as_array, register_codec
+from fl.payload.codec import Codec, State, array_values, as_array, register_codec
 
 
 BITMAP_VALUES = ("fp32", "fp16")
@@ -91,14 +91,14 @@ def decode_bitmap(record: ArrayRecord, reference: Mapping[str, torch.Tensor],
 
     The state has the reference's names, shapes and dtypes; off-mask entries are exactly 0.
     """
-    layout = record[_LAYOUT_KEY].numpy()
+    layout = array_values(record[_LAYOUT_KEY])
     if len(layout) != len(reference):
         raise ValueError(f"sparse payload describes {len(layout)} tensors, the model has {len(reference)}: "
                          f"was it encoded for another model?")
     masked = [name for name, kind in zip(reference, layout) if kind == _MASKED]
     if has_bitmap(record):
         total = sum(reference[name].numel() for name in masked)
-        flat = np.unpackbits(record[_BITMAP_KEY].numpy(), count=total, bitorder="little").astype(bool)
+        flat = np.unpackbits(array_values(record[_BITMAP_KEY]), count=total, bitorder="little").astype(bool)
         out_masks, start = {}, 0
         for name in masked:
             n = reference[name].numel()
@@ -109,12 +109,12 @@ def decode_bitmap(record: ArrayRecord, reference: Mapping[str, torch.Tensor],
                          f"(needed for {masked})")
     else:
         out_masks = {name: masks[name].to(torch.bool) for name in masked}
-    kept = torch.from_numpy(record[_KEPT_KEY].numpy()).float()
+    kept = torch.from_numpy(array_values(record[_KEPT_KEY])).float()
     nnz = sum(int(m.sum()) for m in out_masks.values())
     if kept.numel() != nnz:
         raise ValueError(f"sparse payload holds {kept.numel()} values for masks with {nnz} nonzeros")
-    whole = torch.from_numpy(record[_DENSE_KEY].numpy()).float() if _DENSE_KEY in record else torch.zeros(0)
-    buffers = torch.from_numpy(record[_INT_KEY].numpy()) if _INT_KEY in record else torch.zeros(0, dtype=torch.int64)
+    whole = torch.from_numpy(array_values(record[_DENSE_KEY])).float() if _DENSE_KEY in record else torch.zeros(0)
+    buffers = torch.from_numpy(array_values(record[_INT_KEY])) if _INT_KEY in record else torch.zeros(0, dtype=torch.int64)
     state: State = {}
     next_kept = next_whole = next_buffer = 0
     for (name, ref), kind in zip(reference.items(), layout):

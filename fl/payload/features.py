@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fl.payload.codec import State
+from fl.payload.codec import State, array_values
 
 
 _AQ_MAGIC, _AQ_VERSION = b"AQ", 1
@@ -102,8 +102,8 @@ def encode_features(indices: torch.Tensor, codebook: torch.Tensor) -> ArrayRecor
 
 def decode_features(record: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices as int64, codebook) from ``encode_features``'s record."""
-    indices, levels = decode_indices(record[FEATURE_CODED].numpy().tobytes())
-    codebook = torch.from_numpy(record[FEATURE_CODEBOOK].numpy().copy())
+    indices, levels = decode_indices(array_values(record[FEATURE_CODED]).tobytes())
+    codebook = torch.from_numpy(array_values(record[FEATURE_CODEBOOK]).copy())
     if codebook.numel() != levels:
         raise ValueError(f"codebook has {codebook.numel()} centroids, the stream {levels} levels")
     return torch.from_numpy(indices).long(), codebook
@@ -120,6 +120,6 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], values: str = "fp32") ->
 def decode_tensors(record: ArrayRecord, names: list[str] | None = None) -> State:
     out = {}
     for name in names or list(record.keys()):
-        array = record[name].numpy()
+        array = array_values(record[name])
         out[name] = torch.from_numpy(array.astype(np.float32) if array.dtype == np.float16 else array.copy())
     return out

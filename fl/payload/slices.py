@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fl.payload.codec import BUFFERS_KEY, Codec, State, as_array, decode_buffers, register_codec
+from fl.payload.codec import BUFFERS_KEY, Codec, State, array_values, as_array, decode_buffers, register_codec
 
 
 SLICE_VALUES = ("fp32", "fp16")
@@ -169,12 +169,12 @@ def _encode_slices(blocks: Mapping[str, torch.Tensor], keep: Keep, dtype: np.dty
 def _decode_slices(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> tuple[State, Keep]:
     floats = [(name, ref) for name, ref in reference.items() if ref.is_floating_point()]
     n_bits = sum(ref.shape[d] for _, ref in floats for d in range(sliced_dims(ref.shape)))
-    packed = record[_SLICE_BITMAP_KEY].numpy()
+    packed = array_values(record[_SLICE_BITMAP_KEY])
     if packed.shape != ((n_bits + 7) // 8,):
         raise ValueError(f"channel bitmap holds {packed.size} bytes, the model needs {(n_bits + 7) // 8}: "
                          f"was it encoded for another model?")
     bits = torch.from_numpy(np.unpackbits(packed, count=n_bits, bitorder="little").astype(bool))
-    values = torch.from_numpy(record[_SLICE_VALUES_KEY].numpy())
+    values = torch.from_numpy(array_values(record[_SLICE_VALUES_KEY]))
     keep: Keep = {}
     blocks: State = {}
     bit, start = 0, 0

@@ -35,7 +35,7 @@ from typing import Callable, Mapping
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fl.payload.codec import BUFFERS_KEY, Codec, State, as_array, decode_buffers, register_codec
+from fl.payload.codec import BUFFERS_KEY, Codec, State, array_values, as_array, decode_buffers, register_codec
 
 
 UPDATE_VALUES = ("fp32", "fp16", "int8")
@@ -180,15 +180,15 @@ def _encode_update(local, received, residual, ratio: float, values: str,
 def _decode_update(record: ArrayRecord, reference: Mapping[str, torch.Tensor], ratio: float, values: str) -> State:
     floats = [(name, ref) for name, ref in reference.items() if ref.is_floating_point()]
     counts = [topk_count(ref.numel(), ratio) for _, ref in floats]
-    kept = record[_VALUES_KEY].numpy()
+    kept = array_values(record[_VALUES_KEY])
     if kept.shape != (sum(counts),):
         raise ValueError(f"update payload holds {kept.shape} values, the model needs {sum(counts)} "
                          f"(top-k ratio {ratio}): was it encoded for another model?")
     kept = torch.from_numpy(kept).float()
-    indices = torch.from_numpy(record[_INDICES_KEY].numpy()).long() if ratio < 1.0 else None
+    indices = torch.from_numpy(array_values(record[_INDICES_KEY])).long() if ratio < 1.0 else None
     if indices is not None and indices.shape != kept.shape:
         raise ValueError(f"update payload holds {kept.numel()} values but {indices.numel()} indices")
-    scales = torch.from_numpy(record[_SCALES_KEY].numpy()) if values == "int8" else None
+    scales = torch.from_numpy(array_values(record[_SCALES_KEY])) if values == "int8" else None
     update: State = {}
     start = 0
     for t, ((name, ref), k) in enumerate(zip(floats, counts)):
@@ -238,11 +238,11 @@ def _decode_int8_weights(record: ArrayRecord, reference: Mapping[str, torch.Tens
     for name, ref in reference.items():
         if name not in record:
             raise ValueError(f"payload keys differ from the model: missing [{name!r}]")
-        array = torch.from_numpy(record[name].numpy())
+        array = torch.from_numpy(array_values(record[name]))
         if tuple(array.shape) != tuple(ref.shape):
             raise ValueError(f"payload array {name!r} has shape {tuple(array.shape)}, model has {tuple(ref.shape)}")
         if ref.is_floating_point():
-            array = array.float() * torch.from_numpy(record[name + ".scale"].numpy())[0]
+            array = array.float() * torch.from_numpy(array_values(record[name + ".scale"]))[0]
         state[name] = array.to(ref.dtype)
     return state
 
