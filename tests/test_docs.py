@@ -108,7 +108,8 @@ RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.
            "xdelta_designed_seed2.txt", "xdelta_designed_box30.txt", "xdelta_designed_box12.txt",
            "xdelta_designed_flat.txt", "hostile.txt", "delta_build_60.json",
            "delta_build_unshifted.json", "delta_build_unshifted_60.json",
-           "agilenn_federated_mnist.txt", "agilenn_federated_synthetic.txt"}
+           "agilenn_federated_mnist.txt", "agilenn_federated_synthetic.txt",
+           "payload_decode.txt"}
 
 
 def _marked_tables():

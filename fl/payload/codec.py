@@ -55,8 +55,8 @@ def array_values(array: Array) -> np.ndarray:
     """``array.numpy()``: the values of Flower's ``.npy`` bytes, as a writable array of their own.
 
     Flower parses the ``.npy`` header of every array it reads (``np.load``: a Python literal per
-    array, about a third of a millisecond, 30 per ``cnn_small`` reply, and each reply is read by the
-    screening and the aggregation). The header says dtype, order and shape; here it is parsed once
+    array, and a server reads each array of each reply three times: screening, decoding,
+    aggregation). The header says dtype, order and shape; here it is parsed once
     per distinct header (``_npy_header``) and the values are copied straight from the bytes after
     it. Anything else (another stype or version, an object dtype, too few bytes) goes to Flower's
     own ``numpy()``, which raises what it raises."""
