@@ -30,7 +30,7 @@ from torch.func import functional_call
 from clients.resident import borrowed_model
 from clients.trainer import ClientEnv, Session, hyper_from, register_evaluator, register_trainer, slice_codec_from
 from fl.compute import model_device, to_cpu
-from fl.delta.network import DeltaArch, FusedDelta, fnc_loss, fuse, group_lasso
+from fl.delta.network import Branches, DeltaArch, FusedDelta, fnc_loss, fuse, group_lasso
 from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE,
                              VAL_FRACTION, WIDTH, WITH_FROZEN, download_layout, is_frozen, same_keep,
                              template_state, upload_layout)
@@ -131,12 +131,7 @@ def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: De
                 with torch.no_grad():
                     edge = model.edge_outputs(x)
                 parts = fuse(model, model.delta(x), *edge)
-            logits = model.classifier(parts.fused)
-            loss = F.cross_entropy(logits, y)
-            if s.fnc:
-                loss = loss + s.fnc * fnc_loss(parts.delta_out, parts.edge_out)
-            if s.sr:
-                loss = loss + s.sr * group_lasso(model.delta)
+            loss, logits = fused_loss(model, s, parts, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -180,13 +175,19 @@ class _FusedObjective(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model, s = self.model, self.s
         parts = model.branches(x) if s.train_edge else fuse(model, model.delta(x), *model.edge_outputs(x))
-        logits = model.classifier(parts.fused)
-        loss = F.cross_entropy(logits, y)
-        if s.fnc:
-            loss = loss + s.fnc * fnc_loss(parts.delta_out, parts.edge_out)
-        if s.sr:
-            loss = loss + s.sr * group_lasso(model.delta)
-        return loss, logits
+        return fused_loss(model, s, parts, y)
+
+
+def fused_loss(model: FusedDelta, s: DeltaClientSettings, parts: Branches,
+               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's local objective and its logits: CE(C_B(fused), y) + lambda_FNC L_FNC + lambda_SR group lasso."""
+    logits = model.classifier(parts.fused)
+    loss = F.cross_entropy(logits, y)
+    if s.fnc:
+        loss = loss + s.fnc * fnc_loss(parts.delta_out, parts.edge_out)
+    if s.sr:
+        loss = loss + s.sr * group_lasso(model.delta)
+    return loss, logits
 
 
 def upload(state: State, config: ConfigRecord, s: DeltaClientSettings, full: State) -> ArrayRecord:
