@@ -164,9 +164,9 @@ def header(base_name: str, gpu: bool) -> None:
           f"{'first train s':>14}" + (f" {'peak GPU MiB':>13}" if gpu else ""))
 
 
-def engines(args: argparse.Namespace) -> tuple[str, ...]:
+def engines(args: argparse.Namespace, ray: bool) -> tuple[str, ...]:
     names = ("inprocess", "vectorized") if args.batch_clients else ("inprocess",)
-    return names if args.skip_ray else (*names, "ray")
+    return (*names, "ray") if ray else names
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -181,7 +181,7 @@ def measure(args: argparse.Namespace) -> None:
             runs: dict[str, list[dict]] = {}
             for _ in range(max(args.repeats, 1)):
                 runs.setdefault("plain", []).append(plain(n, fraction, args.rounds, tmp, env, args))
-                for name in engines(args):
+                for name in engines(args, ray=not args.skip_ray):
                     runs.setdefault(name, []).append(engine(name, n, fraction, args.rounds, tmp, env, args))
             results = {name: median_run(rs) for name, rs in runs.items()}
             for name, r in results.items():
@@ -197,9 +197,8 @@ def paper(args: argparse.Namespace, tmp: Path, env: dict[str, str], gpu: bool) -
                            capture_output=True, text=True)
     if built.returncode != 0:
         sys.exit(f"building the paper preset's DELTA failed:\n{built.stdout[-2000:]}{built.stderr[-2000:]}")
-    names = ("inprocess", "vectorized", "ray") if args.batch_clients else ("inprocess", "ray")
     results = {name: median_run([engine(name, 100, 0.8, args.rounds, tmp / "paper", env, args, workload)
-                                 for _ in range(max(args.repeats, 1))]) for name in names}
+                                 for _ in range(max(args.repeats, 1))]) for name in engines(args, ray=True)}
     print(f"\nsim=delta_paper (VGG16 base, VGG8 edge, 100 clients, 80 a round), synthetic data, {args.rounds} rounds")
     header("ray", gpu)
     for name, r in results.items():

@@ -21,9 +21,9 @@ import time
 
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
-from clients import delta_trainer
 from clients.app import note_first_train
-from clients.delta_trainer import DeltaClientSettings, receive, tier_model, train_fused_vectorized, upload
+from clients.delta_trainer import NAME as DELTA
+from clients.delta_trainer import TIER_WIDTH, DeltaClientSettings, receive, tier_model, train_fused_vectorized, upload
 from clients.trainer import TRAINER, ClientEnv, hyper_from
 from fl.compute import to_cpu
 from fl.delta.slices import template_state
@@ -33,7 +33,7 @@ from fl.specs import ClientSpec
 from fl.vectorized import groups, train_dense_vectorized
 
 DENSE = "dense"
-BATCHED = (DENSE, delta_trainer.NAME)  # the trainers this handler trains as one vmap
+BATCHED = (DENSE, DELTA)  # the trainers this handler trains as one vmap
 
 
 class ClientBatching:
@@ -102,7 +102,7 @@ class ClientBatching:
                     for g, state, m in zip(group, states, metrics):
                         i = members[g]
                         record = upload(to_cpu(state), work[i][0].content[CONFIG], s, full)
-                        m.update({delta_trainer.TIER_WIDTH: s.width, NUM_EXAMPLES: len(datas[g]),
+                        m.update({TIER_WIDTH: s.width, NUM_EXAMPLES: len(datas[g]),
                                   "train_seconds": seconds})
                         replies[i] = Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(m)}),
                                              reply_to=work[i][0])

@@ -44,7 +44,7 @@ def batches_clients(engine: EngineSpec, client: ClientSpec, faults: FaultSpec | 
 
 
 def client_batching(spec: ServerSpec, engine: EngineSpec, faults: FaultSpec | None) -> ClientBatching | None:
-    """The in-process engine's vectorized dense clients, or None (``batches_clients``); whether the
+    """The in-process engine's vectorized dense and DELTA clients, or None (``batches_clients``); whether the
     model allows them is checked with the config (``fl.config``)."""
     return ClientBatching(spec.client, engine.batch_clients) if batches_clients(engine, spec.client, faults) else None
 

@@ -39,10 +39,9 @@ from fl.payload.update import (RESIDUAL_KEY, UPDATE_VALUES, UpdateCodec, decode_
                                topk_count, update_codec)
 
 __all__ = [
-    "array_values",
     "BITMAP_VALUES", "CODECS", "FAMILIES", "FEATURE_CODED", "RESIDUAL_KEY", "SLICE_VALUES", "UPDATE_VALUES",
     "BitmapCodec", "Codec", "Keep", "Masks", "SliceCodec", "State", "UpdateCodec",
-    "bitmap_codec", "coded_bytes_per_sample", "decode_bitmap", "decode_features", "decode_indices", "decode_shared",
+    "array_values", "bitmap_codec", "coded_bytes_per_sample", "decode_bitmap", "decode_features", "decode_indices", "decode_shared",
     "decode_tensors", "decode_update", "encode_bitmap", "encode_features", "encode_indices", "encode_reply",
     "encode_tensors", "example_payload", "family_of", "full_keep", "get_codec", "has_bitmap", "index_bits", "keep_coordinates",
     "kept_entries", "nonzero_masks", "payload_bytes", "register_codec", "relative_keep", "resolve_codec", "slice_codec", "slice_state",

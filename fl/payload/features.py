@@ -103,7 +103,7 @@ def encode_features(indices: torch.Tensor, codebook: torch.Tensor) -> ArrayRecor
 def decode_features(record: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices as int64, codebook) from ``encode_features``'s record."""
     indices, levels = decode_indices(array_values(record[FEATURE_CODED]).tobytes())
-    codebook = torch.from_numpy(array_values(record[FEATURE_CODEBOOK]).copy())
+    codebook = torch.from_numpy(array_values(record[FEATURE_CODEBOOK]))  # an array of its own
     if codebook.numel() != levels:
         raise ValueError(f"codebook has {codebook.numel()} centroids, the stream {levels} levels")
     return torch.from_numpy(indices).long(), codebook
@@ -121,5 +121,5 @@ def decode_tensors(record: ArrayRecord, names: list[str] | None = None) -> State
     out = {}
     for name in names or list(record.keys()):
         array = array_values(record[name])
-        out[name] = torch.from_numpy(array.astype(np.float32) if array.dtype == np.float16 else array.copy())
+        out[name] = torch.from_numpy(array.astype(np.float32) if array.dtype == np.float16 else array)
     return out
