@@ -366,7 +366,7 @@ def truthful_metadata(record: ArrayRecord) -> str | None:
     """Why an array's bytes contradict its metadata (shape, dtype), or None."""
     for name, array in record.items():
         try:
-            values = array_values(array)
+            values = array_values(array, copy=False)
         except Exception as exc:
             return f"{name!r} does not decode ({type(exc).__name__}: {exc})"
         if list(values.shape) != list(array.shape) or values.dtype != np.dtype(array.dtype):

@@ -182,3 +182,14 @@ def test_array_values_of_truncated_bytes_fail_as_flowers_do():
     with pytest.raises(Exception) as flowers:
         short.numpy()
     assert type(ours.value) is type(flowers.value)
+
+
+def test_array_values_without_copy_is_a_view_of_the_bytes_with_the_same_layout():
+    from flwr.app import Array
+
+    from fl.payload import array_values
+
+    array = Array(np.asfortranarray(np.arange(12.0).reshape(3, 4)))
+    view = array_values(array, copy=False)
+    assert np.array_equal(view, array.numpy()) and view.shape == (3, 4) and not view.flags.writeable
+    assert np.shares_memory(view, np.frombuffer(array.data, dtype=np.uint8))

@@ -51,8 +51,10 @@ NPY_MAGIC = b"\x93NUMPY"
 NPY = "numpy.ndarray"  # Flower's Array.stype for .npy bytes (np.save)
 
 
-def array_values(array: Array) -> np.ndarray:
-    """``array.numpy()``: the values of Flower's ``.npy`` bytes, as a writable array of their own.
+def array_values(array: Array, *, copy: bool = True) -> np.ndarray:
+    """``array.numpy()``: the values of Flower's ``.npy`` bytes, as a writable array of their own
+    (``copy=False``: a read-only view of the bytes where they are read directly, for a check that
+    only looks at shape and dtype).
 
     Flower parses the ``.npy`` header of every array it reads (``np.load``: a Python literal per
     array, and a server reads each array of each reply three times: screening, decoding,
@@ -71,7 +73,8 @@ def array_values(array: Array) -> np.ndarray:
     count = math.prod(shape)
     if len(data) - end < count * dtype.itemsize:
         return array.numpy()
-    values = np.frombuffer(data, dtype=dtype, count=count, offset=end).copy()
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+    values = values.copy() if copy else values
     return values.reshape(shape[::-1]).transpose() if fortran else values.reshape(shape)
 
 
