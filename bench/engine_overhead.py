@@ -170,7 +170,7 @@ def engines(args: argparse.Namespace, ray: bool) -> tuple[str, ...]:
 
 
 def measure(args: argparse.Namespace) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     print(f"compute={args.compute}, {args.rounds} rounds; median per-round time and peak PSS of each engine")
     gpu = args.compute != "cpu"
     header("plain", gpu)

@@ -26,10 +26,10 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit and say how it e
     echo "== $name: exit $rc after $((SECONDS - started)) s (limit $limit s)"
 }
 
-step 150 "gpu tests" python -m pytest -m gpu tests/test_compute.py tests/test_resident_data.py -p no:cacheprovider -q -rs \
+step 120 "gpu tests" python -m pytest -m gpu tests/test_compute.py tests/test_resident_data.py -p no:cacheprovider -q -rs \
     --junitxml="$OUT/gpu_tests.xml"
-step 70 "vectorized" python bench/vectorized.py --sizes 10 80 --rounds 4 --compute cuda --out "$OUT/vectorized_cuda.txt"
-step 220 "engines, N=100 and the paper preset" python bench/engine_overhead.py --sizes 100 --batch-clients 80 --paper \
+step 60 "vectorized" python bench/vectorized.py --sizes 10 80 --rounds 4 --compute cuda --out "$OUT/vectorized_cuda.txt"
+step 200 "engines, N=100 and the paper preset" python bench/engine_overhead.py --sizes 100 --batch-clients 80 --paper \
     --compute cuda --out "$OUT/engine_overhead_cuda.txt"
-step 130 "engines, N=1000" python bench/engine_overhead.py --sizes 1000 --batch-clients 80 --compute cuda \
+step 120 "engines, N=1000" python bench/engine_overhead.py --sizes 1000 --batch-clients 80 --compute cuda \
     --out "$OUT/engine_overhead_cuda_1000.txt"

@@ -406,7 +406,8 @@ def weighted_mean(states: Sequence[State], weights: Sequence[float]) -> State:
     for state, weight in zip(states, weights):
         for name, tensor in state.items():
             if name not in acc:
-                acc[name], dtypes[name] = torch.zeros(tensor.shape, dtype=torch.float64), tensor.dtype
+                acc[name] = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)
+                dtypes[name] = tensor.dtype
             acc[name].add_(tensor.to(torch.float64), alpha=weight / total)
     return {name: a.round().to(dtypes[name]) if not dtypes[name].is_floating_point else a.to(dtypes[name])
             for name, a in acc.items()}
