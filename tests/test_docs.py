@@ -109,7 +109,7 @@ RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.
            "xdelta_designed_flat.txt", "hostile.txt", "delta_build_60.json",
            "delta_build_unshifted.json", "delta_build_unshifted_60.json",
            "agilenn_federated_mnist.txt", "agilenn_federated_synthetic.txt",
-           "payload_decode.txt"}
+           "payload_codec.txt"}
 
 
 def _marked_tables():

@@ -152,6 +152,27 @@ def test_every_strategy_declares_its_family_and_resolves_both_codecs_there():
     assert {name: STRATEGIES.get(name).payload_family for name in expected} == expected
 
 
+# -- npy_array: Array(ndarray) without re-building each .npy header ---------------------------------------------
+
+SAVED = [
+    np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+    np.array(3.5, dtype=np.float64), np.zeros((0, 5), dtype=np.int64), np.array([True, False, True]),
+    np.arange(6, dtype=np.float16), np.arange(4, dtype=">i4"), np.arange(10.0)[::3], np.zeros((2,) * 12, np.uint8),
+]
+
+
+@pytest.mark.parametrize("values", SAVED, ids=["f32-3d", "fortran", "0-d", "empty", "bool", "f16", "big-endian",
+                                               "strided", "12-d"])
+def test_npy_array_writes_flowers_bytes(values):
+    from flwr.app import Array
+
+    from fl.payload import npy_array
+
+    ours, flowers = npy_array(values), Array(values)
+    assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype, flowers.data)
+    assert np.array_equal(ours.numpy(), values)
+
+
 # -- array_values: Array.numpy() without re-parsing each .npy header ------------------------------------------
 
 @pytest.mark.parametrize("values", [

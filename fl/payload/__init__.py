@@ -28,7 +28,7 @@ reference state (names, shapes, dtypes) to decode; it always has one (its own mo
 from fl.payload.accounting import payload_bytes, wire_bytes
 from fl.payload.bitmap import (BITMAP_VALUES, BitmapCodec, Masks, bitmap_codec, decode_bitmap, encode_bitmap, has_bitmap,
                                nonzero_masks)
-from fl.payload.codec import CODECS, Codec, State, array_values, get_codec, register_codec
+from fl.payload.codec import CODECS, Codec, State, array_values, get_codec, npy_array, register_codec
 from fl.payload.family import FAMILIES, family_of, resolve_codec
 from fl.payload.features import (FEATURE_CODED, coded_bytes_per_sample, decode_features, decode_indices, decode_tensors,
                                  encode_features, encode_indices, encode_tensors, index_bits)
@@ -44,6 +44,6 @@ __all__ = [
     "array_values", "bitmap_codec", "coded_bytes_per_sample", "decode_bitmap", "decode_features", "decode_indices", "decode_shared",
     "decode_tensors", "decode_update", "encode_bitmap", "encode_features", "encode_indices", "encode_reply",
     "encode_tensors", "example_payload", "family_of", "full_keep", "get_codec", "has_bitmap", "index_bits", "keep_coordinates",
-    "kept_entries", "nonzero_masks", "payload_bytes", "register_codec", "relative_keep", "resolve_codec", "slice_codec", "slice_state",
+    "kept_entries", "nonzero_masks", "npy_array", "payload_bytes", "register_codec", "relative_keep", "resolve_codec", "slice_codec", "slice_state",
     "sliced_dims", "topk_count", "unslice_state", "update_codec", "wire_bytes",
 ]

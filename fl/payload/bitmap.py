@@ -26,9 +26,9 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
-from fl.payload.codec import Codec, State, array_values, as_array, register_codec
+from fl.payload.codec import Codec, State, array_values, as_array, npy_array, register_codec
 
 
 BITMAP_VALUES = ("fp32", "fp16")
@@ -69,13 +69,13 @@ def encode_bitmap(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.T
         else:
             layout.append(_BUFFER)
             buffers.append(t.reshape(-1).to(torch.int64))
-    arrays = {_LAYOUT_KEY: Array(np.asarray(layout, dtype=np.uint8)),
+    arrays = {_LAYOUT_KEY: npy_array(np.asarray(layout, dtype=np.uint8)),
               _KEPT_KEY: as_array(torch.cat(kept) if kept else torch.zeros(0, dtype=dtype))}
     if whole:
         arrays[_DENSE_KEY] = as_array(torch.cat(whole))
     if with_bitmap:
         flat = torch.cat(bits).numpy() if bits else np.zeros(0, dtype=bool)
-        arrays[_BITMAP_KEY] = Array(np.packbits(flat, bitorder="little"))
+        arrays[_BITMAP_KEY] = npy_array(np.packbits(flat, bitorder="little"))
     if buffers:
         arrays[_INT_KEY] = as_array(torch.cat(buffers))
     return ArrayRecord(arrays)

@@ -40,15 +40,37 @@ def get_codec(name: str) -> Codec:
     return CODECS.get(name)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+NPY = "numpy.ndarray"  # Flower's Array.stype for .npy bytes (np.save)
+
+
 def as_array(tensor: torch.Tensor, dtype: np.dtype | None = None) -> Array:
     array = tensor.detach().cpu().numpy()
     if dtype is not None and array.dtype != dtype:
         array = array.astype(dtype)
-    return Array(array)
+    return npy_array(array)
 
 
-NPY_MAGIC = b"\x93NUMPY"
-NPY = "numpy.ndarray"  # Flower's Array.stype for .npy bytes (np.save)
+def npy_array(array: np.ndarray) -> Array:
+    """``Array(array)``, byte for byte: Flower's ``.npy`` bytes (``np.save``) of ``array``.
+
+    ``np.save`` builds the header's Python literal for every array it writes; here a C-contiguous
+    array's header is taken from ``np.save`` once per (dtype, shape) and the values are appended
+    to it (100 ``cnn_small`` states: 0.056 s -> 0.033 s, ``bench/payload_codec.py``). Anything
+    else (Fortran order, an object dtype) goes to ``np.save``."""
+    if not array.flags.c_contiguous or array.dtype.hasobject:
+        return Array(array)
+    header = _saved_header(array.dtype, array.shape)
+    return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=NPY,
+                 data=b"".join((header, array.reshape(-1).view(np.uint8))))
+
+
+@lru_cache(maxsize=4096)
+def _saved_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The header that ``np.save`` writes before a C-contiguous array of ``dtype`` and ``shape``."""
+    empty = np.zeros(shape, dtype=dtype)
+    saved = Array(empty).data
+    return saved[:len(saved) - empty.nbytes]
 
 
 def array_values(array: Array, *, copy: bool = True) -> np.ndarray:

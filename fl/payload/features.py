@@ -25,9 +25,9 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
-from fl.payload.codec import State, array_values
+from fl.payload.codec import State, array_values, npy_array
 
 
 _AQ_MAGIC, _AQ_VERSION = b"AQ", 1
@@ -96,8 +96,8 @@ def coded_bytes_per_sample(indices: np.ndarray, levels: int) -> np.ndarray:
 def encode_features(indices: torch.Tensor, codebook: torch.Tensor) -> ArrayRecord:
     """A batch of quantized remote features for the server: the coded stream and the centroids."""
     stream = encode_indices(indices.detach().cpu().numpy(), int(codebook.numel()))
-    return ArrayRecord({FEATURE_CODED: Array(np.frombuffer(stream, dtype=np.uint8).copy()),
-                        FEATURE_CODEBOOK: Array(codebook.detach().cpu().numpy().astype(np.float32))})
+    return ArrayRecord({FEATURE_CODED: npy_array(np.frombuffer(stream, dtype=np.uint8).copy()),
+                        FEATURE_CODEBOOK: npy_array(codebook.detach().cpu().numpy().astype(np.float32))})
 
 
 def decode_features(record: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +114,7 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], values: str = "fp32") ->
     or fp16, the others as they are."""
     dtype = {"fp32": np.float32, "fp16": np.float16}[values]
     arrays = {name: t.detach().cpu().numpy() for name, t in tensors.items()}
-    return ArrayRecord({name: Array(a.astype(dtype) if a.dtype.kind == "f" else a) for name, a in arrays.items()})
+    return ArrayRecord({name: npy_array(a.astype(dtype) if a.dtype.kind == "f" else a) for name, a in arrays.items()})
 
 
 def decode_tensors(record: ArrayRecord, names: list[str] | None = None) -> State:

@@ -25,9 +25,10 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
-from fl.payload.codec import BUFFERS_KEY, Codec, State, array_values, as_array, decode_buffers, register_codec
+from fl.payload.codec import (BUFFERS_KEY, Codec, State, array_values, as_array, decode_buffers, npy_array,
+                              register_codec)
 
 
 SLICE_VALUES = ("fp32", "fp16")
@@ -158,8 +159,8 @@ def _encode_slices(blocks: Mapping[str, torch.Tensor], keep: Keep, dtype: np.dty
         bits.extend(m.to(torch.bool) for m in masks)
     flat_bits = torch.cat(bits).numpy() if bits else np.zeros(0, dtype=bool)
     arrays = {
-        _SLICE_VALUES_KEY: Array((torch.cat(values) if values else torch.zeros(0)).numpy().astype(dtype)),
-        _SLICE_BITMAP_KEY: Array(np.packbits(flat_bits, bitorder="little")),
+        _SLICE_VALUES_KEY: npy_array((torch.cat(values) if values else torch.zeros(0)).numpy().astype(dtype)),
+        _SLICE_BITMAP_KEY: npy_array(np.packbits(flat_bits, bitorder="little")),
     }
     if buffers:
         arrays[BUFFERS_KEY] = as_array(torch.cat(buffers))
