@@ -10,6 +10,7 @@ in the same invocation (this machine is shared and noisy: compare ratios, not se
     python bench/engine_overhead.py --sizes 100 1000 --skip-ray --repeats 3   # interleaved repeats
     python bench/engine_overhead.py --compute cuda --out gpu.txt              # on a GPU; keep the report
     python bench/engine_overhead.py --compute cuda --sizes 100 --batch-clients 80 --paper   # + vmap, + VGG preset
+    python bench/engine_overhead.py --sizes --paper --rounds 3                # the VGG preset's table alone
 
 With ``--repeats k`` every engine runs k times, interleaved with the plain loop (plain, inprocess,
 ray, plain, ...), and each figure is the median over the k runs: on a shared machine one run's
@@ -132,7 +133,8 @@ def median_run(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES), choices=list(SIZES),
+                        help="federation sizes of the cnn_small table (none: only --paper's table)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per engine; medians are reported")
@@ -173,7 +175,8 @@ def measure(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     print(f"compute={args.compute}, {args.rounds} rounds; median per-round time and peak PSS of each engine")
     gpu = args.compute != "cpu"
-    header("plain", gpu)
+    if args.sizes:
+        header("plain", gpu)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for n in args.sizes:
@@ -193,12 +196,18 @@ def measure(args: argparse.Namespace) -> None:
 def paper(args: argparse.Namespace, tmp: Path, env: dict[str, str], gpu: bool) -> None:
     """The rounds of ``sim=delta_paper`` on synthetic data, each engine against ``ray``."""
     workload = [*PAPER, f"model.cache_dir={tmp / 'paper_cache'}", f"compute={args.compute}"]
+    started = time.time()
     built = subprocess.run([sys.executable, "-m", "fl.delta.pretrain", *workload], cwd=ROOT, env=env,
                            capture_output=True, text=True)
     if built.returncode != 0:
         sys.exit(f"building the paper preset's DELTA failed:\n{built.stdout[-2000:]}{built.stderr[-2000:]}")
-    results = {name: median_run([engine(name, 100, 0.8, args.rounds, tmp / "paper", env, args, workload)
-                                 for _ in range(max(args.repeats, 1))]) for name in engines(args, ray=True)}
+    print(f"(sim=delta_paper: base, edge and DELTA built in {time.time() - started:.0f} s)", flush=True)
+    results = {}
+    for name in engines(args, ray=True):
+        started = time.time()
+        results[name] = median_run([engine(name, 100, 0.8, args.rounds, tmp / "paper", env, args, workload)
+                                    for _ in range(max(args.repeats, 1))])
+        print(f"(sim=delta_paper on {name}: {time.time() - started:.0f} s)", flush=True)
     print(f"\nsim=delta_paper (VGG16 base, VGG8 edge, 100 clients, 80 a round), synthetic data, {args.rounds} rounds")
     header("ray", gpu)
     for name, r in results.items():
