@@ -101,6 +101,7 @@ def compare(args) -> int:
     run_dirs = [out / f"{i}_{arm.name}" for i, arm in enumerate(arms)]
     print(f"comparison sim={args.sim}: {len(arms)} arms ({', '.join(a.name for a in arms)}) -> {out}", flush=True)
     started = time.time()
+    arm_seconds = []
     for i, (arm, run_dir) in enumerate(zip(arms, run_dirs), start=1):
         command = simulate_command(args.sim, arm, args.overrides, run_dir)
         print(f"[{i}/{len(arms)}] {arm.name}: python {shlex.join(command[1:])}", flush=True)
@@ -116,10 +117,12 @@ def compare(args) -> int:
                 return failed.returncode
             raise ConfigError(f"arm {arm.name}", f"{failed.message} (exit status {failed.returncode}; "
                                                  f"no charts or table written)") from None
-        print(f"[{i}/{len(arms)}] {arm.name}: {_summary_line(run_dir)}, {time.time() - arm_started:.0f} s", flush=True)
+        seconds = time.time() - arm_started
+        arm_seconds.append(f"{arm.name} {seconds:.0f} s")
+        print(f"[{i}/{len(arms)}] {arm.name}: {_summary_line(run_dir)}, {seconds:.0f} s", flush=True)
     runs = load_runs(run_dirs, labels=[arm.name for arm in arms])
     header = (f"`{args.command}` (sim={args.sim}; {time.time() - started:.0f} s "
-              f"for all arms); runs: " + ", ".join(f"`{d.name}`" for d in run_dirs) + "\n\n")
+              f"for all arms: {', '.join(arm_seconds)}); runs: " + ", ".join(f"`{d.name}`" for d in run_dirs) + "\n\n")
     return finish(runs, out, levels, header, args.xscale, f"sim={args.sim}: ")
 
 
