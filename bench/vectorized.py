@@ -11,6 +11,7 @@ largest weight difference between the two relative to the weight scale.
     python bench/vectorized.py                       # K = 10 and 80, 4 rounds each
     python bench/vectorized.py --sizes 80 --rounds 6 --compute cuda     # on a GPU
     python bench/vectorized.py --rounds 3 --out docs/results/vectorized.txt
+    python bench/vectorized.py --sizes --profile 20 --out docs/results/vectorized_profile.txt
 
 The figures measured on the 2-core CPU, and why ``engine.batch_clients`` defaults to 0 there, are
 in docs/engines.md (from ``docs/results/vectorized.txt``). Weights differ by up to a few 1e-5
@@ -47,7 +48,9 @@ def synchronize(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 80])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10, 80])
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="also profile one vectorized round of K clients (torch.profiler): its top operators")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--samples-per-client", type=int, default=50)
@@ -64,7 +67,8 @@ def measure(args: argparse.Namespace) -> None:
     hyper = TrainHyper(epochs=1, batch_size=32, lr=0.05, momentum=0.0)  # engine_overhead.WORKLOAD
     print(f"cnn_small, {args.samples_per_client} samples/client, epochs={hyper.epochs}, batch={hyper.batch_size}, "
           f"compute={device}, torch threads={args.threads}, rounds={args.rounds} (median of rounds 2..R)")
-    print(f"{'K':>4} {'sequential s/round':>19} {'vectorized s/round':>19} {'x sequential':>13} {'max |dw|/scale':>15}")
+    if args.sizes:
+        print(f"{'K':>4} {'sequential s/round':>19} {'vectorized s/round':>19} {'x sequential':>13} {'max |dw|/scale':>15}")
     for k in args.sizes:
         data = DataSpec(name="synthetic", num_clients=k, seed=0, partition=freeze({"name": "iid"}),
                         options=freeze({"samples_per_client": args.samples_per_client}))
@@ -94,6 +98,33 @@ def measure(args: argparse.Namespace) -> None:
                     worst = max(worst, float((v[name] - t).abs().max()) / max(float(t.abs().max()), 1.0))
         seq, vec = statistics.median(seq_times[1:] or seq_times), statistics.median(vec_times[1:] or vec_times)
         print(f"{k:>4} {seq:>19.3f} {vec:>19.3f} {vec / seq:>13.2f} {worst:>15.2e}", flush=True)
+    if args.profile:
+        profile(args.profile, args, device, hyper)
+
+
+def profile(k: int, args: argparse.Namespace, device: torch.device, hyper: TrainHyper) -> None:
+    """The operators that take most of one vectorized round of ``k`` clients (after a warm-up round)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiled
+
+    data = DataSpec(name="synthetic", num_clients=k, seed=0, partition=freeze({"name": "iid"}),
+                    options=freeze({"samples_per_client": args.samples_per_client}))
+    federation = data.federation()
+    torch.manual_seed(0)
+    model = ModelSpec("cnn_small").build_for(federation).to(device)
+    received = {name: t.clone() for name, t in model.state_dict().items()}
+    clients = [ClientData(federation.train, federation.client_indices[p]) for p in range(k)]
+    generators = lambda: [torch.Generator().manual_seed(p) for p in range(k)]  # noqa: E731
+    train_dense_vectorized(model, received, clients, hyper, generators())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profiled(activities=activities) as prof:
+        train_dense_vectorized(model, received, clients, hyper, generators())
+        synchronize(device)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\none vectorized round of K={k} clients under torch.profiler: aten operators by self CPU time")
+    for event in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]:
+        print(f"{event.key:>32}: {100 * event.self_cpu_time_total / total:5.1f}% of the CPU time")
 
 
 if __name__ == "__main__":

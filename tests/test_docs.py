@@ -109,7 +109,7 @@ RESULTS = {"delta_tiers.json", "scale.json", "compare_seed0.md", "compare_seed1.
            "xdelta_designed_flat.txt", "hostile.txt", "delta_build_60.json",
            "delta_build_unshifted.json", "delta_build_unshifted_60.json",
            "agilenn_federated_mnist.txt", "agilenn_federated_synthetic.txt",
-           "payload_codec.txt"}
+           "payload_codec.txt", "gpu_h200.log"}
 
 
 def _marked_tables():
@@ -163,7 +163,7 @@ def _appears(figure: str, values: list[float]) -> bool:
 
 
 def test_every_results_file_has_its_marked_tables():
-    sources = {source.name for _, files, _ in _marked_tables() for source in files}
+    sources = {source.name for _, files, _ in [*_marked_tables(), *_marked_paragraphs()] for source in files}
     assert RESULTS <= sources
 
 
@@ -192,6 +192,41 @@ def test_every_figure_of_a_marked_table_is_in_its_results_file(page, files, tabl
     missing = [figure for figure in figures if not _appears(figure, values)]
     assert missing == [], f"{page.name}: figures not in {names}"
 
+
+# -- measured figures in prose: a paragraph marked <!-- prose figures from: ... --> ---------------------
+
+PROSE_MARKER = re.compile(r"^<!-- prose figures from: (\S+(?: \S+)*?) -->\n((?:.+\n?)+)", flags=re.M)
+# A figure in prose: a number with decimals, or one with a unit of measure after it (seconds,
+# percent, bytes, points); numbers in code spans are commands and settings, not figures.
+PROSE_FIGURE = re.compile(r"(?<![\w.-])(\d[\d,]*\.\d+|\d[\d,]*(?= ?(?:s\b|%|KiB|MiB|GiB|points?\b|min\b)))")
+CODE_SPAN = re.compile(r"`[^`]*`")
+
+
+def _marked_paragraphs():
+    for page in PAGES:
+        for sources, paragraph in PROSE_MARKER.findall(page.read_text(encoding="utf-8")):
+            yield page, [page.parent / source for source in sources.split()], paragraph
+
+
+def _prose_figures(paragraph: str) -> list[str]:
+    return [n.replace(",", "") for n in PROSE_FIGURE.findall(CODE_SPAN.sub("", paragraph))]
+
+
+def test_prose_figures_are_found_in_text():
+    text = "took 0.130 s a round against 0.468 s (0.28x), 543 s, 9.35 points, 73% and `--rounds 3` at 2 px"
+    assert _prose_figures(text) == ["0.130", "0.468", "0.28", "543", "9.35", "73"]
+
+
+@pytest.mark.parametrize("page, files, paragraph", list(_marked_paragraphs()),
+                         ids=lambda x: x.name if isinstance(x, Path) else "")
+def test_every_figure_of_a_marked_paragraph_is_in_its_results_file(page, files, paragraph):
+    names = ", ".join(source.name for source in files)
+    assert all(source.exists() for source in files), f"{page.name}: no {names}"
+    values = [v for source in files for v in _values(source)]
+    figures = _prose_figures(paragraph)
+    assert figures, f"{page.name}: the paragraph marked with {names} quotes no figure"
+    missing = [figure for figure in figures if not _appears(figure, values)]
+    assert missing == [], f"{page.name}: figures not in {names}"
 
 # -- the model zoo's table is what the counter says ---------------------------------------------------
 
