@@ -3,14 +3,15 @@ server's screening and aggregation, against the round's wall time.
 
 One FedAvg run of the engine-overhead workload (``cnn_small``, 1 local epoch, batch 32, lr 0.05,
 N clients, 80% a round) in this process, with a timer around each stage; prints, per stage, the
-median over rounds 2..R-1 of its seconds per round (client stages summed over the worker threads,
-so with two workers they can add up to twice the wall time) and per client. Fewer samples per
-client (``--samples-per-client 4``) make a client's training about as short on 2 CPU cores as a
+median over rounds 2..R-1 of its seconds per round and per client. Stages on the worker threads are
+summed over them and include waits for the other thread's Python (the GIL), so with two workers
+they can add up to twice the wall time. Fewer samples per client (``--samples-per-client 4``) make a client's training about as short on 2 CPU cores as a
 50-sample client's on one GPU (about 6 ms), which shows the engine's fixed per-client costs.
 
     python bench/round_breakdown.py
     python bench/round_breakdown.py --samples-per-client 4 --out docs/results/round_breakdown.txt
     python bench/round_breakdown.py --compute cuda --batch-clients 80
+    python bench/round_breakdown.py --samples-per-client 4 --without-prescreen   # the server screens after the round
 
 The timers wrap the functions the engine calls (``clients.fedavg_trainer``, ``clients.batched``,
 ``strategies.base.FederatedStrategy``); this script is a measurement, not a way to run the
@@ -43,7 +44,8 @@ from fl.execute import execute  # noqa: E402
 STAGES = {  # label: (owner, attribute)
     "client training": [(fedavg_trainer, "train_dense"), (batched, "train_dense_vectorized")],
     "client reply encoding": [(fedavg_trainer, "encode_reply"), (batched, "encode_reply")],
-    "server screening": [(base.FederatedStrategy, "screen")],
+    "screening on the workers": [(base.FederatedStrategy, "prescreen")],
+    "server screening after the round": [(base.FederatedStrategy, "screen")],
     "server screening + aggregation": [(base.FederatedStrategy, "aggregate_train")],
 }
 
@@ -56,6 +58,8 @@ class Timers:
 
     def wrap(self, owner, attribute: str, label: str) -> None:
         inner = getattr(owner, attribute)
+        if inner is None:  # switched off (--without-prescreen)
+            return
 
         def timed(*args, **kwargs):
             started = time.perf_counter()
@@ -88,6 +92,8 @@ def main() -> None:
     parser.add_argument("--batch-clients", type=int, default=0, help="engine.batch_clients (0: one at a time)")
     parser.add_argument("--workers", type=int, default=2, help="engine.workers")
     parser.add_argument("--torch-threads", type=int, default=1, help="engine.torch_threads")
+    parser.add_argument("--without-prescreen", action="store_true",
+                        help="the server screens every reply after the round (no FederatedStrategy.prescreen)")
     add_out_option(parser)
     args = parser.parse_args()
     with recorded(args.out):
@@ -97,6 +103,8 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> None:
     from hydra import compose, initialize_config_module
 
+    if args.without_prescreen:
+        base.FederatedStrategy.prescreen = None  # RunRounds then hands the replies to nothing
     timers = Timers()
     for label, places in STAGES.items():
         for owner, attribute in places:
@@ -121,7 +129,9 @@ def measure(args: argparse.Namespace) -> None:
         sys.exit("too few rounds to measure: use --rounds 4 or more")
     print(f"{args.num_clients} clients, {per_round} a round, {args.samples_per_client} samples each, "
           f"compute={args.compute}, workers={args.workers}, torch threads={args.torch_threads}, "
-          f"batch_clients={args.batch_clients}; median of rounds 2..{args.rounds - 1}")
+          f"batch_clients={args.batch_clients}, "
+          f"{'screening after the round' if args.without_prescreen else 'screening on the workers'}; "
+          f"median of rounds 2..{args.rounds - 1}")
     wall = statistics.median(w for w, _ in steady)
     print(f"{'round wall time':>32}: {wall:.3f} s per round, {wall / per_round * 1e3:.2f} ms per client")
     for label in STAGES:

@@ -26,6 +26,7 @@ checkpoint is its last round only runs the plugins' ``on_run_end`` (``finish_onl
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -219,6 +220,7 @@ class RunRounds(Strategy):
 
     def __init__(self, inner: Strategy, offset: int = 0):
         self.inner, self.offset = inner, offset
+        self._unwatch: Callable[[], None] | None = None
         self.train_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
 
@@ -227,9 +229,19 @@ class RunRounds(Strategy):
         self.inner.summary()
 
     def configure_train(self, server_round, arrays, config, grid):
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+        messages = self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+        prescreen = getattr(self.inner, "prescreen", None)
+        watch = getattr(grid, "watch_replies", None)
+        if prescreen is not None and watch is not None:
+            # the in-process engine hands each reply to the strategy's screening as it arrives
+            watch(functools.partial(prescreen, server_round + self.offset))
+            self._unwatch = functools.partial(watch, None)
+        return messages
 
     def aggregate_train(self, server_round, replies):
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         kill_point(f"aggregate:{server_round + self.offset}")  # test hook: mid-round, replies in hand
         arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
         self.train_metrics = dict(metrics or {})

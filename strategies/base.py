@@ -26,6 +26,7 @@ The algorithm itself (configure, train, aggregate) is written out in each strate
 from __future__ import annotations
 
 import logging
+import threading
 from collections import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
@@ -106,6 +107,8 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
         self._layout: PayloadLayout | None = None
         self._layout_for: State | None = None
         self._start64: tuple | None = None  # (round, id, start, its float64 copy) for update norms
+        self._prescreened: dict[str, Update | Rejected] = {}  # message id -> screen_one's outcome
+        self._caches = threading.Lock()  # the lazy per-round caches, filled from several threads
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -212,11 +215,18 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
         update norm (||sent - start||_2) above ``ratio`` times the round's lower median is refused.
         """
         candidates, rejected = [], []
+        prescreened, self._prescreened = self._prescreened, {}
         for reply in replies:
-            try:
-                candidates.append(self.screen_one(server_round, reply))
-            except Rejected as why:
-                rejected.append((reply, str(why)))
+            outcome = prescreened.get(reply.metadata.message_id)
+            if outcome is None:
+                try:
+                    outcome = self.screen_one(server_round, reply)
+                except Rejected as why:
+                    outcome = why
+            if isinstance(outcome, Rejected):
+                rejected.append((reply, str(outcome)))
+            else:
+                candidates.append(outcome)
         bounds = self.robust
         for field, ratio in (("weight", bounds.max_weight_ratio), ("norm", bounds.max_norm_ratio)):
             if ratio is None or not candidates:
@@ -240,6 +250,19 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
             self.rejections[server_round].append(f"partition {who}: {reason}")
             log.warning("round %d: rejected the update of partition %s: %s", server_round, who, reason)
         return candidates
+
+    def prescreen(self, server_round: int, reply: Message) -> None:
+        """``screen_one`` of a train reply as soon as it arrives, kept for ``screen``: an engine
+        that can (the in-process one) calls this on its worker threads while other clients still
+        train, so that the serial part of a round is the robust bounds and the aggregation. The
+        outcome is the one ``screen`` would compute (the same reply against the same state)."""
+        if reply.has_error() or reply.metadata.message_type != MessageType.TRAIN:
+            return
+        try:
+            outcome: Update | Rejected = self.screen_one(server_round, reply)
+        except Rejected as why:
+            outcome = why
+        self._prescreened[reply.metadata.message_id] = outcome
 
     def screen_one(self, server_round: int, reply: Message) -> "Update":
         reason = self.check_metrics(reply, ARRAYS) or truthful_metadata(reply.content[ARRAYS])
@@ -278,10 +301,11 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
         (every reply of a FedAvg-family round starts from the one broadcast)."""
         if start is None:
             return None
-        if self._start64 is None or self._start64[:2] != (server_round, id(start)) or self._start64[2] is not start:
-            self._start64 = (server_round, id(start), start,
-                             {name: t.to(torch.float64) for name, t in start.items()})
-        return self._start64[3]
+        with self._caches:
+            if self._start64 is None or self._start64[:2] != (server_round, id(start)) or self._start64[2] is not start:
+                self._start64 = (server_round, id(start), start,
+                                 {name: t.to(torch.float64) for name, t in start.items()})
+            return self._start64[3]
 
     def check_metrics(self, reply: Message, arrays: str | None) -> str | None:
         """Why the reply's records are unusable, or None: the arrays (if asked for) and a finite,
@@ -305,9 +329,11 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
         let the codec raise) for a payload that does not fit."""
         if self.reference is None:
             raise Rejected("no global model was sent this round")
-        if self._layout_for is not self.reference:  # one layout per broadcast
-            self._layout, self._layout_for = PayloadLayout.of(self.up_codec, self.reference), self.reference
-        reason = self._layout.check(reply.content[ARRAYS])
+        with self._caches:
+            if self._layout_for is not self.reference:  # one layout per broadcast
+                self._layout, self._layout_for = PayloadLayout.of(self.up_codec, self.reference), self.reference
+            layout = self._layout
+        reason = layout.check(reply.content[ARRAYS])
         if reason is not None:
             raise Rejected(reason)
         return Decoded(self.up_codec.decode(reply.content[ARRAYS], self.reference), self.reference)

@@ -92,3 +92,39 @@ def test_one_hostile_client_in_ten_every_round_costs_under_two_points():
         finals[kind] = summary["final_accuracy"]
     assert finals["clean"] > 0.5, finals  # the clean run learns
     assert abs(finals["huge"] - finals["clean"]) <= 0.02 and abs(finals["inflate"] - finals["clean"]) <= 0.02, finals
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES) + ["fedavg_vectorized"])
+def test_screening_on_the_worker_threads_decides_as_the_server_would(strategy, tmp_path, monkeypatch, delta_cache):
+    """The in-process engine hands each reply to ``prescreen`` on the worker thread that produced
+    it; the run's refusals and final model are those of a run whose server screens every reply
+    itself after the round."""
+    import threading
+
+    overrides = [*STRATEGIES.get(strategy, ["engine.batch_clients=3"]), "faults.hostile=0.5",
+                 "faults.hostile_kind=misshapen", "rounds=2"]
+    if strategy == "delta":
+        overrides.append(f"model.cache_dir={delta_cache}")
+    threads: list[str] = []
+    screen_one = FederatedStrategy.screen_one
+
+    def recorded(self, server_round, reply):
+        threads.append(threading.current_thread().name)
+        return screen_one(self, server_round, reply)
+
+    monkeypatch.setattr(FederatedStrategy, "screen_one", recorded)
+    runs = {}
+    for mode in ("on workers", "after the round"):
+        if mode == "after the round":
+            monkeypatch.setattr(FederatedStrategy, "prescreen", None)
+        threads.clear()
+        summary, run_dir = run_inprocess(tmp_path / mode.replace(" ", "_"), overrides)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[mode] = (summary["status"], [row["rejected"] for row in rows],
+                      torch.load(run_dir / "final_model.pt", weights_only=True), list(threads))
+    on_workers, after = runs["on workers"], runs["after the round"]
+    assert on_workers[0] == after[0] == "complete" and on_workers[1] == after[1] and sum(after[1]) >= 1
+    assert all(name.startswith("client") for name in on_workers[3]) and on_workers[3]
+    assert not any(name.startswith("client") for name in after[3])
+    assert on_workers[2].keys() == after[2].keys()
+    assert all(torch.equal(on_workers[2][k], after[2][k]) for k in after[2])

@@ -39,7 +39,7 @@ import operator
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Protocol
 from uuid import uuid4
@@ -82,6 +82,7 @@ class InProcessGrid(Grid):
         self._pending: dict[str, Future[Message]] = {}
         self._lock = threading.Lock()
         self._batch = batch if batch is not None and batch.size > 1 else None
+        self._watcher: Callable[[Message], None] | None = None
 
     # -- Grid API --------------------------------------------------------------------------
 
@@ -170,6 +171,13 @@ class InProcessGrid(Grid):
         for node_id, state in states.items():
             self._context(int(node_id)).state = state
 
+    def watch_replies(self, watcher: Callable[[Message], None] | None) -> None:
+        """Hand each sound reply to ``watcher`` on the worker thread that produced it, before the
+        reply is handed back (None: stop). The server screens replies this way while the other
+        clients still train; an exception in ``watcher`` is ignored (the server screens that
+        reply again itself)."""
+        self._watcher = watcher
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -194,7 +202,16 @@ class InProcessGrid(Grid):
         except Exception as exc:  # a failing client becomes an error reply, as in Flower's engine
             reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-        return _stamped(reply, started)
+        return self._watched(_stamped(reply, started))
+
+    def _watched(self, reply: Message) -> Message:
+        watcher = self._watcher
+        if watcher is not None and not reply.has_error():
+            try:
+                watcher(reply)
+            except Exception:  # the server screens the reply itself
+                pass
+        return reply
 
     def _deliver_batch(self, messages: list[Message], futures: list[Future[Message]]) -> None:
         """Answer ``messages`` with one call of the batch handler; if it raises, one at a time."""
@@ -204,6 +221,8 @@ class InProcessGrid(Grid):
             replies = [_stamped(r, started) for r in self._batch(work)]  # type: ignore[misc]
         except Exception:
             replies = [self._deliver(m) for m in messages]
+        else:
+            replies = [self._watched(r) for r in replies]
         for future, reply in zip(futures, replies):
             future.set_result(reply)
 

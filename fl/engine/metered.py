@@ -55,6 +55,12 @@ class MeteredGrid(Grid):
         self._failures = 0
         self.control_bytes = 0
 
+    def watch_replies(self, watcher: Callable[[Message], None] | None) -> None:
+        """The engine's ``watch_replies`` where it has one (the in-process grid); else nothing."""
+        watch = getattr(self.inner, "watch_replies", None)
+        if watch is not None:
+            watch(watcher)
+
     def close_round(self) -> RoundTraffic:
         traffic = RoundTraffic(
             up_bytes=sum(self._up.values()),
