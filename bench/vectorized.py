@@ -70,13 +70,7 @@ def measure(args: argparse.Namespace) -> None:
     if args.sizes:
         print(f"{'K':>4} {'sequential s/round':>19} {'vectorized s/round':>19} {'x sequential':>13} {'max |dw|/scale':>15}")
     for k in args.sizes:
-        data = DataSpec(name="synthetic", num_clients=k, seed=0, partition=freeze({"name": "iid"}),
-                        options=freeze({"samples_per_client": args.samples_per_client}))
-        federation = data.federation()
-        torch.manual_seed(0)
-        model = ModelSpec("cnn_small").build_for(federation).to(device)
-        received = {name: t.clone() for name, t in model.state_dict().items()}
-        clients = [ClientData(federation.train, federation.client_indices[p]) for p in range(k)]
+        model, received, clients = workload(k, args.samples_per_client, device)
         seq_times, vec_times, worst = [], [], 0.0
         for server_round in range(1, args.rounds + 1):
             gens = lambda: [torch.Generator().manual_seed(seed_for(0, server_round, p)) for p in range(k)]  # noqa: E731
@@ -102,18 +96,23 @@ def measure(args: argparse.Namespace) -> None:
         profile(args.profile, args, device, hyper)
 
 
+def workload(k: int, samples_per_client: int, device: torch.device):
+    """K synthetic clients' data, a ``cnn_small`` on ``device`` and the weights they all receive."""
+    data = DataSpec(name="synthetic", num_clients=k, seed=0, partition=freeze({"name": "iid"}),
+                    options=freeze({"samples_per_client": samples_per_client}))
+    federation = data.federation()
+    torch.manual_seed(0)
+    model = ModelSpec("cnn_small").build_for(federation).to(device)
+    received = {name: t.clone() for name, t in model.state_dict().items()}
+    return model, received, [ClientData(federation.train, federation.client_indices[p]) for p in range(k)]
+
+
 def profile(k: int, args: argparse.Namespace, device: torch.device, hyper: TrainHyper) -> None:
     """The operators that take most of one vectorized round of ``k`` clients (after a warm-up round)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiled
 
-    data = DataSpec(name="synthetic", num_clients=k, seed=0, partition=freeze({"name": "iid"}),
-                    options=freeze({"samples_per_client": args.samples_per_client}))
-    federation = data.federation()
-    torch.manual_seed(0)
-    model = ModelSpec("cnn_small").build_for(federation).to(device)
-    received = {name: t.clone() for name, t in model.state_dict().items()}
-    clients = [ClientData(federation.train, federation.client_indices[p]) for p in range(k)]
+    model, received, clients = workload(k, args.samples_per_client, device)
     generators = lambda: [torch.Generator().manual_seed(p) for p in range(k)]  # noqa: E731
     train_dense_vectorized(model, received, clients, hyper, generators())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -180,15 +180,18 @@ def test_a_benchmark_report_starts_with_the_command_that_wrote_it():
         assert first.startswith("$ python bench/") and f"/{report.name}" in first.partition("--out ")[2], report.name
 
 
-@pytest.mark.parametrize("page, files, table", list(_marked_tables()),
+@pytest.mark.parametrize("page, files, figures", [(page, files, _quoted(table)) for page, files, table in _marked_tables()],
                          ids=lambda x: x.name if isinstance(x, Path) else "")
-def test_every_figure_of_a_marked_table_is_in_its_results_file(page, files, table):
+def test_every_figure_of_a_marked_table_is_in_its_results_file(page, files, figures):
     """A table's figures are in its results file (in one of them, where the marker names several)."""
+    _assert_in_results(page, files, figures)
+
+
+def _assert_in_results(page: Path, files: list[Path], figures: list[str]) -> None:
     names = ", ".join(source.name for source in files)
     assert all(source.exists() for source in files), f"{page.name}: no {names}"
+    assert figures, f"{page.name}: the block marked with {names} quotes no figure"
     values = [v for source in files for v in _values(source)]
-    figures = _quoted(table)
-    assert figures, f"{page.name}: the table marked with {names} quotes no figure"
     missing = [figure for figure in figures if not _appears(figure, values)]
     assert missing == [], f"{page.name}: figures not in {names}"
 
@@ -220,13 +223,7 @@ def test_prose_figures_are_found_in_text():
 @pytest.mark.parametrize("page, files, paragraph", list(_marked_paragraphs()),
                          ids=lambda x: x.name if isinstance(x, Path) else "")
 def test_every_figure_of_a_marked_paragraph_is_in_its_results_file(page, files, paragraph):
-    names = ", ".join(source.name for source in files)
-    assert all(source.exists() for source in files), f"{page.name}: no {names}"
-    values = [v for source in files for v in _values(source)]
-    figures = _prose_figures(paragraph)
-    assert figures, f"{page.name}: the paragraph marked with {names} quotes no figure"
-    missing = [figure for figure in figures if not _appears(figure, values)]
-    assert missing == [], f"{page.name}: figures not in {names}"
+    _assert_in_results(page, files, _prose_figures(paragraph))
 
 # -- the model zoo's table is what the counter says ---------------------------------------------------
 
