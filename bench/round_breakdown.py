@@ -1,8 +1,8 @@
 """Where a round of the ``inprocess`` engine goes: the clients' training, their reply encoding, the
 server's screening and aggregation, against the round's wall time.
 
-One FedAvg run of the engine-overhead workload (``cnn_small``, 1 local epoch, batch 32, lr 0.05,
-N clients, 80% a round) in this process, with a timer around each stage; prints, per stage, the
+One FedAvg run of the engine-overhead workload (``engine_overhead.WORKLOAD``: ``cnn_small``, 1 local
+epoch, batch 32, lr 0.05; N clients, 80% a round) in this process, with a timer around each stage; prints, per stage, the
 median over rounds 2..R-1 of its seconds per round and per client. Stages on the worker threads are
 summed over them and include waits for the other thread's Python (the GIL), so with two workers
 they can add up to twice the wall time. Fewer samples per client (``--samples-per-client 4``) make a client's training about as short on 2 CPU cores as a
@@ -29,7 +29,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from report import add_out_option, recorded  # bench/, beside this script
+from engine_overhead import WORKLOAD  # bench/, beside this script
+from report import add_out_option, recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,6 +41,7 @@ import fl.server as server  # noqa: E402
 import strategies.base as base  # noqa: E402
 from fl.config import build  # noqa: E402
 from fl.execute import execute  # noqa: E402
+from tests.helpers import compose_config  # noqa: E402
 
 STAGES = {  # label: (owner, attribute)
     "client training": [(fedavg_trainer, "train_dense"), (batched, "train_dense_vectorized")],
@@ -101,8 +103,6 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    from hydra import compose, initialize_config_module
-
     if args.without_prescreen:
         base.FederatedStrategy.prescreen = None  # RunRounds then hands the replies to nothing
     timers = Timers()
@@ -111,14 +111,11 @@ def measure(args: argparse.Namespace) -> None:
             timers.wrap(owner, attribute, label)
     timers.mark_rounds()
     per_round = max(int(args.num_clients * 0.8), 2)
-    overrides = ["engine=inprocess", f"engine.workers={args.workers}", f"engine.torch_threads={args.torch_threads}",
-                 f"engine.batch_clients={args.batch_clients}", f"num_clients={args.num_clients}", "fraction_fit=0.8",
-                 f"rounds={args.rounds}", "eval_every=0", "progress=false", "tensorboard=false", "checkpoint_every=0",
-                 "train.epochs=1", "train.batch_size=32", "train.lr=0.05", "train.momentum=0.0",
-                 "data.partition.name=shards", "++data.partition.classes_per_client=3",
-                 f"data.samples_per_client={args.samples_per_client}", f"compute={args.compute}"]
-    with initialize_config_module(config_module="sim_configs", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(["engine=inprocess", f"engine.workers={args.workers}",
+                          f"engine.torch_threads={args.torch_threads}", f"engine.batch_clients={args.batch_clients}",
+                          f"num_clients={args.num_clients}", "fraction_fit=0.8", f"rounds={args.rounds}",
+                          "eval_every=0", "progress=false", "tensorboard=false", *WORKLOAD,
+                          f"data.samples_per_client={args.samples_per_client}", f"compute={args.compute}"])
     with tempfile.TemporaryDirectory() as tmp:
         server_spec, engine, faults = build(cfg, tmp)
         execute(server_spec, engine, faults=faults)

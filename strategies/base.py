@@ -219,10 +219,7 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
         for reply in replies:
             outcome = prescreened.get(reply.metadata.message_id)
             if outcome is None:
-                try:
-                    outcome = self.screen_one(server_round, reply)
-                except Rejected as why:
-                    outcome = why
+                outcome = self._screened(server_round, reply)
             if isinstance(outcome, Rejected):
                 rejected.append((reply, str(outcome)))
             else:
@@ -258,11 +255,14 @@ class FederatedStrategy(FlowerFedAvg, ServedStrategy):
         outcome is the one ``screen`` would compute (the same reply against the same state)."""
         if reply.has_error() or reply.metadata.message_type != MessageType.TRAIN:
             return
+        self._prescreened[reply.metadata.message_id] = self._screened(server_round, reply)
+
+    def _screened(self, server_round: int, reply: Message) -> "Update | Rejected":
+        """``screen_one``'s update, or the refusal it raised."""
         try:
-            outcome: Update | Rejected = self.screen_one(server_round, reply)
+            return self.screen_one(server_round, reply)
         except Rejected as why:
-            outcome = why
-        self._prescreened[reply.metadata.message_id] = outcome
+            return why
 
     def screen_one(self, server_round: int, reply: Message) -> "Update":
         reason = self.check_metrics(reply, ARRAYS) or truthful_metadata(reply.content[ARRAYS])

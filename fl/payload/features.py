@@ -96,13 +96,13 @@ def coded_bytes_per_sample(indices: np.ndarray, levels: int) -> np.ndarray:
 def encode_features(indices: torch.Tensor, codebook: torch.Tensor) -> ArrayRecord:
     """A batch of quantized remote features for the server: the coded stream and the centroids."""
     stream = encode_indices(indices.detach().cpu().numpy(), int(codebook.numel()))
-    return ArrayRecord({FEATURE_CODED: npy_array(np.frombuffer(stream, dtype=np.uint8).copy()),
+    return ArrayRecord({FEATURE_CODED: npy_array(np.frombuffer(stream, dtype=np.uint8)),
                         FEATURE_CODEBOOK: npy_array(codebook.detach().cpu().numpy().astype(np.float32))})
 
 
 def decode_features(record: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices as int64, codebook) from ``encode_features``'s record."""
-    indices, levels = decode_indices(array_values(record[FEATURE_CODED]).tobytes())
+    indices, levels = decode_indices(array_values(record[FEATURE_CODED], copy=False).tobytes())
     codebook = torch.from_numpy(array_values(record[FEATURE_CODEBOOK]))  # an array of its own
     if codebook.numel() != levels:
         raise ValueError(f"codebook has {codebook.numel()} centroids, the stream {levels} levels")
