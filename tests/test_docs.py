@@ -225,6 +225,35 @@ def test_prose_figures_are_found_in_text():
 def test_every_figure_of_a_marked_paragraph_is_in_its_results_file(page, files, paragraph):
     _assert_in_results(page, files, _prose_figures(paragraph))
 
+
+def _paragraphs(page: Path):
+    """The page's blocks of consecutive non-blank lines outside code blocks, as text."""
+    block, fenced = [], False
+    for line in [*page.read_text(encoding="utf-8").splitlines(), ""]:
+        if line.lstrip().startswith("```"):
+            fenced, block = not fenced, []
+        elif fenced:
+            continue
+        elif line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            block = []
+
+
+# Pages whose figures are their own source: the generated configuration reference (its defaults are
+# the YAML's, checked above) and the results files themselves.
+SOURCES = {REPO / "docs" / "configuration.md", *(REPO / "docs" / "results").glob("*.md")}
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p not in SOURCES], ids=lambda p: p.name)
+def test_every_paragraph_with_figures_names_where_they_come_from(page):
+    """A figure in running prose is either in a code span (a command or a setting) or in a paragraph
+    marked with the results or config files that hold it; tables and headings are checked above."""
+    unmarked = [paragraph.splitlines()[0][:70] for paragraph in _paragraphs(page)
+                if not paragraph.startswith(("<!--", "|", "#")) and _prose_figures(paragraph)]
+    assert unmarked == [], f"{page.name}: paragraphs quoting figures without a marker"
+
 # -- the model zoo's table is what the counter says ---------------------------------------------------
 
 ZOO_ROW = re.compile(r"^\| `(\w+)` \|[^|]*\| ([\d,]+) \| ([\d.]+) M \|$", flags=re.M)
