@@ -6,6 +6,7 @@ they say; the whole pipeline runs on a tiny pair and reports every figure."""
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import math
 
@@ -411,3 +412,28 @@ def test_a_server_split_of_another_difficulty_is_another_pair():
             tiny_pair_spec(server_difficulty=bad)
     with pytest.raises(ConfigError, match="model.pair.server_difficulty"):
         tiny_pair_spec(server_difficulty=0.0, data={**TINY_DATA, "name": "mnist"})
+
+
+def test_a_shifted_build_reports_its_accuracy_on_the_servers_own_data(tmp_path, capsys):
+    """Under a server shift the report holds base, edge and fused accuracy on held-out scenes of
+    the server's difficulty (not the task's test set); a build cached before that field existed
+    gains it on load, with the same figures, and the printed report shows it."""
+    from fl.delta.pair import server_domain_test
+    from fl.delta.pretrain import format_report
+
+    shifted = tiny_pair_spec(server_difficulty=0.0)
+    assert server_domain_test(tiny_pair_spec()) is None
+    held_out = server_domain_test(shifted)
+    assert held_out.difficulty == 0.0 and len(held_out) == TINY_DATA["test_size"]
+    built = ensure_delta(shifted, tiny_construction(), str(tmp_path))
+    domain = built.report["server_domain"]
+    assert domain["difficulty"] == 0.0 and domain["test_samples"] == TINY_DATA["test_size"]
+    assert domain["gap_to_base"] == pytest.approx(domain["base_accuracy"] - domain["fused_accuracy"])
+    report_file = built.directory / "report.json"
+    old = {k: v for k, v in built.report.items() if k != "server_domain"}
+    report_file.write_text(json.dumps(old))
+    again = ensure_delta(shifted, tiny_construction(), str(tmp_path))
+    assert again.report["server_domain"] == pytest.approx(domain)
+    assert "server_domain" in json.loads(report_file.read_text())
+    assert "on the server's own data (difficulty 0.0, 48 held-out images)" in format_report(again.report)
+    assert "server_domain" not in ensure_delta(tiny_pair_spec(), tiny_construction(), str(tmp_path)).report

@@ -7,7 +7,9 @@
     3. channels ordered by importance, so that width tiers are prefixes (``order_by_importance``)
     4. the report: base, edge and fused accuracy, the gain over E, P_D/E, F_D/E, P_D/B, F_D/B, the
        correlation between the DELTA and edge features on samples E gets wrong and B right, the
-       accuracy of every width tier, and the knowledge-distillation baseline (E distilled from B).
+       accuracy of every width tier, and the knowledge-distillation baseline (E distilled from B);
+       when the server split is of another distribution than the task's, the base, edge and fused
+       accuracy on a held-out set of the server's own distribution too (``server_domain``).
 
 Everything is cached under ``<pair dir>/delta-<hash of these settings>/``: ``fused.pt`` (the
 FusedDelta state), ``arch.json`` and ``report.json``. Every step runs on the ``compute`` device
@@ -35,7 +37,7 @@ from fl.delta.extract import ExtractSettings, build_delta, finetune_pruned, lear
 from fl.delta.network import (Branches, DeltaArch, DeltaLossWeights, FusedDelta, delta_macs, delta_objective,
                               delta_params, fnc_loss, fuse, order_by_importance, tier_model, tier_shapes, tier_slice)
 from fl.delta.pair import Pair, PairSpec, Recipe, _plain, accuracy, digest, \
-    ensure_pair, predict, server_split, shifted, tensors, train_classifier
+    ensure_pair, predict, server_domain_test, server_split, shifted, tensors, train_classifier
 from fl.errors import ConfigError
 from fl.outputs import atomic_save, atomic_write_text
 from fl.threads import central_threads
@@ -124,6 +126,12 @@ def ensure_delta(pair_spec: PairSpec, spec: ConstructionSpec, cache_dir: str, *,
         built = Constructed(DeltaArch.from_json(files[1].read_text()),
                             torch.load(files[0], map_location="cpu", weights_only=True),
                             json.loads(files[2].read_text()), directory)
+        if "server_domain" not in built.report and pair_spec.server_difficulty is not None:  # built before it was
+            fused = FusedDelta(built.arch)
+            fused.load_state_dict(built.state)
+            with central_threads(threads):
+                built.report["server_domain"] = server_domain(pair.base, pair.edge, fused, pair_spec)
+            atomic_write_text(files[2], json.dumps(built.report, indent=2))
         log_summary(built.report)
         return built
     directory.mkdir(parents=True, exist_ok=True)
@@ -145,6 +153,11 @@ def log_summary(report: Mapping[str, Any]) -> None:
              "DELTA %s parameters (P_D/B %.2f%%)", report["base_accuracy"], report["edge_accuracy"],
              report["fused_accuracy"], 100 * report["gap_to_base"], "-" if kd is None else f"{kd:.4f}",
              f"{report['params']['delta']:,}", 100 * report["P_D/B"])
+    if "server_domain" in report:
+        d = report["server_domain"]
+        log.info("  on the server's own data (difficulty %s, %d held-out images): base %.4f, edge %.4f, fused %.4f, "
+                 "gap to the base %.2f points", d["difficulty"], d["test_samples"], d["base_accuracy"],
+                 d["edge_accuracy"], d["fused_accuracy"], 100 * d["gap_to_base"])
     for width, tier in report.get("tiers", {}).items():
         log.info("  tier width %s: fused accuracy %.4f, %s DELTA parameters", width, tier["accuracy"],
                  f"{tier['params']:,}")
@@ -216,11 +229,27 @@ def construct(pair: Pair, pair_spec: PairSpec, spec: ConstructionSpec, tiers: tu
     report["correlation"] = correlation_scores(fused_parts, edge_logits, base_logits, y_test)
     report["tiers"] = {f"{w:.4f}": {"accuracy": accuracy(predict(tier_model(fused, w), x_test), y_test),
                                     "params": delta_params(arch.scaled(w) if w != 1.0 else arch)} for w in tiers}
+    if pair_spec.server_difficulty is not None:
+        report["server_domain"] = server_domain(base, edge, fused, pair_spec)
     if spec.kd is not None:
         started = time.perf_counter()
         report["kd_edge_accuracy"] = accuracy(predict(distill(edge, base, x, y, spec.kd, seed), x_test), y_test)
         timings["kd_s"] = round(time.perf_counter() - started, 1)
     return fused.to(CPU), report
+
+
+@torch.no_grad()
+def server_domain(base: nn.Module, edge: nn.Module, fused: FusedDelta, pair_spec: PairSpec) -> dict[str, Any]:
+    """Base, edge and fused (edge + DELTA) accuracy and the fused model's gap to the base on a held-out
+    set of the server split's own distribution (``fl.delta.pair.server_domain_test``): how much of
+    the base's accuracy the DELTA recovers on the data it was built from (XDELTA's Table 5), apart
+    from how well that data transfers to the task's."""
+    test = server_domain_test(pair_spec)
+    x, y = tensors(test, device=model_device(fused))
+    acc = {role: accuracy(predict(model.eval(), x), y) for role, model in (("base", base), ("edge", edge),
+                                                                           ("fused", fused))}
+    return {"difficulty": test.difficulty, "test_samples": len(x), "base_accuracy": acc["base"],
+            "edge_accuracy": acc["edge"], "fused_accuracy": acc["fused"], "gap_to_base": acc["base"] - acc["fused"]}
 
 
 # -- DELTA training --------------------------------------------------------------------------------------

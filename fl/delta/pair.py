@@ -157,6 +157,19 @@ def server_split(pair: PairSpec):
     return train.subset(index, name=f"{name}/server"), test
 
 
+def server_domain_test(pair: PairSpec):
+    """A held-out test set of the server split's own distribution when it is not the task's
+    (synthetic with ``server_difficulty``: the task's test scenes rendered at the server's
+    difficulty, disjoint from the server split by stream), else None. The XDELTA paper builds and
+    tests a DELTA on one dataset, so its Table 5 quantities are measured there."""
+    if pair.server_difficulty is None:
+        return None
+    from fl.data.synthetic import synthetic
+
+    options = {**pair.dataset_options(), "samples_per_client": 1, "difficulty": float(pair.server_difficulty)}
+    return synthetic(num_clients=1, seed=pair.seed, **options)[1]
+
+
 def tensors(images, limit: int | None = None, device: torch.device = CPU) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` (all) images and labels, on ``device``."""
     n = len(images) if limit is None else min(limit, len(images))

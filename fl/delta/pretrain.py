@@ -4,9 +4,11 @@ Takes the same config and overrides as ``python -m fl.simulate`` (``sim=delta_10
 ``model.pair.server_samples=...``), trains the edge/base pair on the server split and builds the
 DELTA (or loads both from ``model.cache_dir``), then prints the XDELTA report: accuracies of the
 base, the edge, the fused edge+DELTA and the distilled edge, parameter and MAC ratios, the
-correlation score and the accuracy of every width tier. A later ``fl.simulate`` with the same
-config finds everything cached. The steps run on the ``compute`` device (``compute=cuda``, as for
-``fl.simulate``; default auto).
+correlation score, the accuracy of every width tier and, when the server pretrains on another
+distribution than the task's (``model.pair.server_difficulty``), the base, edge and fused accuracy
+on the server's own held-out data. A later ``fl.simulate`` with the same config finds everything
+cached. The steps run on the ``compute`` device (``compute=cuda``, as for ``fl.simulate``; default
+auto).
 
     python -m fl.delta.pretrain sim=delta_100clients
     python -m fl.delta.pretrain sim=delta_100clients --json report.json
@@ -90,6 +92,11 @@ def format_report(r: Mapping[str, Any]) -> str:
         ("correlation R vs A, all test samples",
          f"{c['feature_wise_all']:+.3f} feature-wise, {c['sample_wise_all']:+.3f} sample-wise"),
     ]
+    if "server_domain" in r:
+        d = r["server_domain"]
+        rows.append((f"on the server's own data (difficulty {d['difficulty']}, {d['test_samples']} held-out images): "
+                     "base, edge, fused; gap", f"{pct(d['base_accuracy'])}, {pct(d['edge_accuracy'])}, "
+                     f"{pct(d['fused_accuracy'])}; {100 * d['gap_to_base']:.2f} points"))
     rows += [(f"tier width {w}: fused accuracy (DELTA params)", f"{pct(t['accuracy'])} ({t['params']:,})")
              for w, t in r["tiers"].items()]
     rows.append(("server / test images", f"{r['server_samples']} / {r['test_samples']}"))
