@@ -21,6 +21,7 @@ from fl.message_keys import ARRAYS, METRICS, NUM_EXAMPLES
 from fl.models import get_model
 from fl.payload import decode_bitmap, encode_bitmap, get_codec, has_bitmap, payload_bytes
 from fl.run_logger import read_metrics
+from fl.sparsity import apply_mask, magnitude_masks, prunable_shapes
 from strategies.feddst import FedDST, erk_budgets, holder_weighted_mean
 from tests.helpers import SMALL, SMALL_SYNTHETIC, compose_config, run_inprocess
 
@@ -49,6 +50,25 @@ def test_erk_budgets_hit_the_target_and_clamp_small_layers_dense():
     assert max(eps) - min(eps) < 1e-3 * max(eps)
     forced = erk_budgets(shapes, 0.8, dense_layers=["features.3"])
     assert forced["features.3.weight"] == numel["features.3.weight"] and sum(forced.values()) == sum(budgets.values())
+
+
+def test_the_cnn_small_figures_the_docs_quote():
+    """docs/strategy-feddst.md quotes these figures and its marker names this file: ERK at S = 0.8
+    on cnn_small (per-layer sparsity in whole percent) and the payload of its first mask, values
+    only and with the bitmap, in fp32 and fp16, against FedAvg's dense one."""
+    state = get_model("cnn_small", num_classes=10).state_dict()
+    shapes = prunable_shapes(state)
+    budgets = erk_budgets(shapes, 0.8)
+    sparsity = {n: round(100 * (1 - budgets[n] / math.prod(s))) for n, s in shapes.items()}
+    assert sparsity == {"features.0.weight": 0, "features.3.weight": 77, "features.6.weight": 89, "fc.weight": 79,
+                        "classifier.weight": 0}
+    assert math.prod(shapes["features.0.weight"]) == 864 and math.prod(shapes["classifier.weight"]) == 2200
+    masks = magnitude_masks(state, budgets)
+    sizes = {(values, with_bitmap): encode_bitmap(apply_mask(state, masks), masks, values=values,
+                                                  with_bitmap=with_bitmap).count_bytes()
+             for values in ("fp32", "fp16") for with_bitmap in (False, True)}
+    assert sizes == {("fp32", False): 438855, ("fp32", True): 506829, ("fp16", False): 219633, ("fp16", True): 287607}
+    assert get_codec("dense_fp32").encode(state).count_bytes() == 2186376
 
 
 # -- bitmap codec --------------------------------------------------------------------------------
