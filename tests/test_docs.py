@@ -201,7 +201,8 @@ def _assert_in_results(page: Path, files: list[Path], figures: list[str]) -> Non
 PROSE_MARKER = re.compile(r"^<!-- prose figures from: (\S+(?: \S+)*?) -->\n((?:.+\n?)+)", flags=re.M)
 # A figure in prose: a number with decimals, or one with a unit of measure after it (seconds,
 # percent, bytes, points); numbers in code spans are commands and settings, not figures.
-PROSE_FIGURE = re.compile(r"(?<![\w.-])(\d[\d,]*\.\d+|\d[\d,]*(?= ?(?:s\b|%|KiB|MiB|GiB|points?\b|min\b)))")
+PROSE_FIGURE = re.compile(r"(?<![\w.])(-?\d[\d,]*\.\d+|-?\d[\d,]*(?= ?(?:m?s\b|%|[KMGT]i?B\b|x\b|points?\b"
+                          r"|bytes\b|min\b|minutes?\b|hours?\b)))")
 CODE_SPAN = re.compile(r"`[^`]*`")
 
 
@@ -216,8 +217,10 @@ def _prose_figures(paragraph: str) -> list[str]:
 
 
 def test_prose_figures_are_found_in_text():
-    text = "took 0.130 s a round against 0.468 s (0.28x), 543 s, 9.35 points, 73% and `--rounds 3` at 2 px"
-    assert _prose_figures(text) == ["0.130", "0.468", "0.28", "543", "9.35", "73"]
+    text = ("took 0.130 s a round against 0.468 s (0.28x), 543 s, 9.35 points, 73% and `--rounds 3` at 2 px; "
+            "40x less, 560 MB, 10 ms, 6 hours, 2 minutes, a -0.20 difference, 42-49%, a 2x2 map, 1/sqrt2")
+    assert _prose_figures(text) == ["0.130", "0.468", "0.28", "543", "9.35", "73", "40", "560", "10", "6", "2",
+                                    "-0.20", "49"]
 
 
 @pytest.mark.parametrize("page, files, paragraph", list(_marked_paragraphs()),
