@@ -11,10 +11,15 @@ in the same invocation (this machine is shared and noisy: compare ratios, not se
     python bench/engine_overhead.py --compute cuda --out gpu.txt              # on a GPU; keep the report
     python bench/engine_overhead.py --compute cuda --sizes 100 --batch-clients 80 --paper   # + vmap, + VGG preset
     python bench/engine_overhead.py --sizes --paper --rounds 3                # the VGG preset's table alone
+    python bench/engine_overhead.py --sizes 100 --skip-ray --workers 2 4 8    # inprocess on 2, 4, 8 threads
 
 With ``--repeats k`` every engine runs k times, interleaved with the plain loop (plain, inprocess,
 ray, plain, ...), and each figure is the median over the k runs: on a shared machine one run's
 per-round time moves by 10-20% from run to run.
+
+``--workers`` sets ``engine.workers`` of the in-process rows; several values give one row each
+(``inproc w4``): on a GPU, more threads keep kernels queued while one client waits for its reply's
+copy to the host, as Ray's concurrent actors do.
 
 ``--batch-clients K`` adds a ``vectorized`` row: the ``inprocess`` engine with
 ``engine.batch_clients=K`` (``fl/vectorized.py``). ``--paper`` adds one more table, the round of
@@ -98,9 +103,15 @@ def plain(n: int, fraction: float, rounds: int, tmp: Path, env: dict[str, str], 
 
 
 def engine_overrides(name: str, args: argparse.Namespace) -> list[str]:
-    """``engine=...`` and its keys for one row: ``inprocess``, ``vectorized`` (inprocess + vmap) or ``ray``."""
+    """``engine=...`` and its keys for one row: ``inprocess``, ``inproc wN`` (inprocess on N worker
+    threads), ``vectorized`` (inprocess + vmap) or ``ray``."""
+    workers = [f"engine.workers={args.workers[0]}"] if args.workers else []
     if name == "vectorized":
-        return ["engine=inprocess", f"engine.batch_clients={args.batch_clients}"]
+        return ["engine=inprocess", f"engine.batch_clients={args.batch_clients}", *workers]
+    if name.startswith("inproc w"):
+        return ["engine=inprocess", f"engine.workers={name.removeprefix('inproc w')}"]
+    if name == "inprocess":
+        return ["engine=inprocess", *workers]
     gpus = [f"ray.num_gpus_per_client={args.gpus_per_client}"] if name == "ray" and args.compute != "cpu" else []
     return [f"engine={name}", *gpus]
 
@@ -143,12 +154,17 @@ def main() -> None:
                         help="with --compute other than cpu: the GPU share Ray reserves per client (default 0.1)")
     parser.add_argument("--batch-clients", type=int, default=0,
                         help="K > 0 adds a 'vectorized' row: inprocess with engine.batch_clients=K")
+    parser.add_argument("--workers", type=int, nargs="*", default=[],
+                        help="engine.workers of the inprocess rows (default: the config's); several values give "
+                             "one row each, 'inproc wN' (the vectorized row takes the first)")
     parser.add_argument("--paper", action="store_true",
                         help="also time the rounds of sim=delta_paper (synthetic data): inprocess against ray")
     add_out_option(parser)
     args = parser.parse_args()
     if args.batch_clients < 0:
         parser.error(f"--batch-clients must be 0 (off) or a positive number of clients, not {args.batch_clients}")
+    if any(n < 1 for n in args.workers):
+        parser.error(f"--workers takes positive numbers of worker threads, not {args.workers}")
     with recorded(args.out):
         measure(args)
 
@@ -167,7 +183,8 @@ def header(base_name: str, gpu: bool) -> None:
 
 
 def engines(args: argparse.Namespace, ray: bool) -> tuple[str, ...]:
-    names = ("inprocess", "vectorized") if args.batch_clients else ("inprocess",)
+    inprocess = tuple(f"inproc w{n}" for n in args.workers) if len(args.workers) > 1 else ("inprocess",)
+    names = (*inprocess, "vectorized") if args.batch_clients else inprocess
     return (*names, "ray") if ray else names
 
 

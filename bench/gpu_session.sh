@@ -5,7 +5,7 @@
 #
 #     OUT=gpu-results bash bench/gpu_session.sh
 #     SKIP_INSTALL=1 OUT=gpu-results bash bench/gpu_session.sh   # the packages are importable already
-#     STEPS="engines paper" bash bench/gpu_session.sh             # some of: tests vectorized breakdown engines paper
+#     STEPS="engines paper" bash bench/gpu_session.sh     # some of: tests vectorized breakdown workers engines paper
 #
 # On one H200 the tests took 22 s, vectorized 14 s and the N=1000 engine table about 2 minutes
 # (docs/results/gpu_h200.log); each step has its own time limit, so a slow step costs its own
@@ -28,7 +28,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit and say how it e
     echo "== $name: exit $rc after $((SECONDS - started)) s (limit $limit s)"
 }
 
-wanted() { [[ " ${STEPS:-tests vectorized breakdown engines paper} " == *" $1 "* ]]; }
+wanted() { [[ " ${STEPS:-tests vectorized breakdown workers engines paper} " == *" $1 "* ]]; }
 
 wanted tests && step 120 "gpu tests" python -m pytest -m gpu tests/test_compute.py tests/test_resident_data.py \
     -p no:cacheprovider -q -rs --junitxml="$OUT/gpu_tests.xml"
@@ -36,6 +36,8 @@ wanted vectorized && step 60 "vectorized" python bench/vectorized.py --sizes 10 
     --out "$OUT/vectorized_cuda.txt"
 wanted breakdown && step 60 "round breakdown" python bench/round_breakdown.py --compute cuda \
     --out "$OUT/round_breakdown_cuda.txt"
+wanted workers && step 150 "inprocess worker threads, N=100" python bench/engine_overhead.py --sizes 100 \
+    --skip-ray --workers 2 4 8 --compute cuda --out "$OUT/engine_workers_cuda.txt"
 wanted engines && step 150 "engines, N=100" python bench/engine_overhead.py --sizes 100 --batch-clients 80 \
     --compute cuda --out "$OUT/engine_overhead_cuda.txt"
 wanted engines && step 120 "engines, N=1000" python bench/engine_overhead.py --sizes 1000 --batch-clients 80 \
