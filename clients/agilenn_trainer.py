@@ -57,8 +57,9 @@ def agilenn(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterat
             yield session
         return
     with env.model() as model:
-        received = decode_shared(get_codec(str(config.get(CODEC, "dense_fp32"))), arrays, model.state_dict())
-        model.load_state_dict(received)
+        down = get_codec(str(config.get(CODEC, "dense_fp32")))
+        received = decode_shared(down, arrays, model.state_dict())  # on the CPU: what the reply's update subtracts
+        model.load_state_dict(decode_shared(down, arrays, model.state_dict(), env.device))
         hyper = hyper_from(config)
 
         def train() -> dict[str, float]:

@@ -37,6 +37,7 @@ from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN
 from fl.local_training import ClientData, evaluate
 from fl.vectorized import State, sgd_steps
 from fl.message_keys import CODEC, NUM_EXAMPLES, UP_CODEC
+from fl.payload import shared_decode
 
 NAME = "delta"  # the trainer and evaluator name the server puts in config["trainer"]
 TIER_WIDTH = "tier_width"  # metric: the client's width
@@ -67,7 +68,7 @@ def delta(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator
     full = template_state(s.arch_json)
     with tier_model(s, env.device) as model:
         # 1-2. the width-w fused model with E and the classifier this node holds
-        model.load_state_dict(receive(arrays, config, env, s, full))
+        model.load_state_dict(receive(arrays, config, env, s, full, env.device))
         train_data, _ = env.local_splits(s.val_fraction)
 
         def train() -> dict[str, float]:
@@ -88,7 +89,7 @@ def delta_evaluate(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
     s = DeltaClientSettings.from_config(config)
     full = template_state(s.arch_json)
     with tier_model(s, env.device) as model:
-        model.load_state_dict(receive(arrays, config, env, s, full))
+        model.load_state_dict(receive(arrays, config, env, s, full, env.device))
         _, held_out = env.local_splits(s.val_fraction)
         return {**evaluate(model, held_out), TIER_WIDTH: s.width, NUM_EXAMPLES: len(held_out)}
 
@@ -96,15 +97,29 @@ def delta_evaluate(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) ->
 # -- steps -------------------------------------------------------------------------------------------------
 
 def receive(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv, s: DeltaClientSettings,
-            full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            full: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """The width-w model's whole state: the received DELTA blocks, E and the classifier (received
-    now, or kept from an earlier round in the node's state)."""
-    reference, keep = download_layout(full, s.arch_json, s.width, s.with_frozen)
-    blocks, got = slice_codec_from(config, CODEC, NAME).decode_slices(arrays, reference)
-    if not same_keep(got, keep):
-        raise ValueError(f"the download is not the width-{s.width} slice this client expects")
+    now, or kept from an earlier round in the node's state), on ``device`` (None: the CPU).
+
+    Decoded once per record (``fl.payload.shared_decode``): the server sends one download per
+    tier (and with or without E and C_B) a round, and the nodes that received E and C_B in one
+    download keep one record of them, so a round decodes, and copies to the device, each once.
+    The returned tensors are shared: load them into a model, never modify them."""
+    codec = slice_codec_from(config, CODEC, NAME)
+    tag = (codec.name, s.arch_json, s.width, s.with_frozen)
+
+    def decode() -> dict[str, torch.Tensor]:
+        reference, keep = download_layout(full, s.arch_json, s.width, s.with_frozen)
+        blocks, got = codec.decode_slices(arrays, reference)
+        if not same_keep(got, keep):
+            raise ValueError(f"the download is not the width-{s.width} slice this client expects")
+        return blocks
+
+    blocks = shared_decode(arrays, tag, decode, device)
     if s.with_frozen:
-        env.state[FROZEN_STATE] = ArrayRecord({n: t.contiguous() for n, t in blocks.items() if is_frozen(n)})
+        received = shared_decode(arrays, tag, decode)
+        env.state[FROZEN_STATE] = shared_decode(arrays, (*tag, "held"), lambda: ArrayRecord(
+            {n: t.contiguous() for n, t in received.items() if is_frozen(n)}))
         env.state[FROZEN_META] = ConfigRecord({"version": s.frozen_version})
         return blocks
     meta = env.state[FROZEN_META] if FROZEN_META in env.state else None
@@ -112,7 +127,8 @@ def receive(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv, s: DeltaC
         have = None if meta is None else int(meta["version"])
         raise RuntimeError(f"this node holds version {have} of the edge model and base classifier, the round "
                            f"needs version {s.frozen_version}; the server sends them when it believes a node lacks them")
-    return {**env.state[FROZEN_STATE].to_torch_state_dict(), **blocks}
+    held = env.state[FROZEN_STATE]
+    return {**shared_decode(held, "held", held.to_torch_state_dict, device), **blocks}
 
 
 def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: DeltaClientSettings,

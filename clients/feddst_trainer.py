@@ -40,7 +40,7 @@ from fl.batchnorm import smallest_batch
 from fl.compute import model_device, to_cpu
 from fl.local_training import ClientData, TrainHyper, local_sgd, statistics_after, statistics_before
 from fl.message_keys import CODEC, UP_CODEC
-from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap
+from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap, shared_decode
 
 # Message keys of the FedDST protocol (the strategy imports them from here).
 MASKED = "masked"  # this trainer's name, sent as config["trainer"]
@@ -62,13 +62,17 @@ def masked(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterato
     alpha = float(config.get(READJUST_ALPHA, 0.0))
     with env.model() as model:
         reference = model.state_dict()
-        # -- receive ------------------------------------------------------------------------
+        # -- receive (decoded once per round: every client of a mask version reads the broadcast alike)
         if has_bitmap(arrays):
-            state, masks = down.decode_masked(arrays, reference)
+            tag: tuple = (down.name, "bitmap")
+            state, masks = shared_decode(arrays, tag, lambda: down.decode_masked(arrays, reference))
             hold_mask(env.state, masks, version)
         else:
-            state, masks = down.decode_masked(arrays, reference, held_mask(env.state, reference, version))
-        model.load_state_dict(state)
+            check_held_version(env.state, version)
+            tag = (down.name, "values", version)
+            state, masks = shared_decode(arrays, tag, lambda: down.decode_masked(
+                arrays, reference, held_mask(env.state, reference, version)))
+        model.load_state_dict(shared_decode(arrays, tag, lambda: (state, masks), env.device)[0])
         uploaded = dict(masks)
 
         def train() -> dict[str, float]:
@@ -187,13 +191,18 @@ def hold_mask(state: RecordDict, masks: Mapping[str, torch.Tensor], version: int
     state[_HELD_META] = ConfigRecord({MASK_VERSION: version})
 
 
-def held_mask(state: RecordDict, reference: Mapping[str, torch.Tensor], version: int) -> Masks:
-    """The held global mask; an error when this node does not hold ``version``."""
+def check_held_version(state: RecordDict, version: int) -> None:
+    """An error when this node does not hold global mask ``version``."""
     held = int(state[_HELD_META][MASK_VERSION]) if _HELD_META in state else None
     if held != version:
         raise RuntimeError(f"the server sent no mask bitmap for global mask version {version}, but this node "
                            f"holds {'no mask' if held is None else f'version {held}'} (was its state lost?); "
                            f"the server resends the bitmap to a node whose reply reports another version")
+
+
+def held_mask(state: RecordDict, reference: Mapping[str, torch.Tensor], version: int) -> Masks:
+    """The held global mask; an error when this node does not hold ``version``."""
+    check_held_version(state, version)
     record = state[_HELD_MASK]
     return {name: torch.from_numpy(np.unpackbits(record[name].numpy(), count=reference[name].numel(),
                                                  bitorder="little").astype(bool)).reshape(reference[name].shape)

@@ -110,15 +110,22 @@ class DeltaFactorized(FederatedStrategy):
         self.setup(arrays)
         nodes = self.sample(grid, server_round, "train", self.fraction_train, self.min_train_nodes)
         edge_round = self.is_edge_round(server_round)
-        return [self.message(node, config, server_round, MessageType.TRAIN, edge_round) for node in nodes]
+        records: dict = {}
+        return [self.message(node, config, server_round, MessageType.TRAIN, edge_round, records) for node in nodes]
 
-    def message(self, node: int, config: ConfigRecord, server_round: int, kind: str, edge_round: bool) -> Message:
+    def message(self, node: int, config: ConfigRecord, server_round: int, kind: str, edge_round: bool,
+                records: dict[tuple[float, bool], ArrayRecord]) -> Message:
+        """``records``: the round's downloads so far, one per (width, with E and C_B), shared by the
+        messages that carry it as FedAvg's broadcast is (the bytes are each message's)."""
         partition = self.partition(node)
         width = self.width_of(partition)
         with_frozen = self.delivered.get(partition) != self.frozen_version
         self._sent_version[partition] = self.frozen_version
-        reference, keep = download_layout(self.global_state, self.arch_json, width, with_frozen)
-        record = self.down_codec.encode_slices(blocks_for(self.global_state, reference, keep), keep)
+        if (width, with_frozen) not in records:
+            reference, keep = download_layout(self.global_state, self.arch_json, width, with_frozen)
+            records[width, with_frozen] = self.down_codec.encode_slices(blocks_for(self.global_state, reference, keep),
+                                                                        keep)
+        record = records[width, with_frozen]
         client_config = ConfigRecord({
             **config, TRAINER: NAME, ARCH: self.arch_json, WIDTH: width, WITH_FROZEN: with_frozen,
             FROZEN_VERSION: self.frozen_version, TRAIN_EDGE: edge_round and kind == MessageType.TRAIN,
@@ -181,7 +188,8 @@ class DeltaFactorized(FederatedStrategy):
             return []
         self.setup(arrays)
         nodes = self.sample(grid, server_round, "evaluate", self.fraction_evaluate, self.min_evaluate_nodes)
-        return [self.message(node, config, server_round, MessageType.EVALUATE, False) for node in nodes]
+        records: dict = {}
+        return [self.message(node, config, server_round, MessageType.EVALUATE, False, records) for node in nodes]
 
     def aggregate_evaluations(self, server_round: int, ordered: Sequence[Message]) -> MetricRecord | None:
         metrics = MetricRecord()

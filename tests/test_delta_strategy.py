@@ -167,6 +167,38 @@ def test_frozen_parts_travel_once_per_version_and_a_node_without_them_fails():
         run_trainer(delta, second[0].content[ARRAYS], second[0].content[CONFIG], _env(0, 2, RecordDict()))
 
 
+def test_a_rounds_downloads_are_built_and_decoded_once_per_tier(monkeypatch):
+    """One download record per tier (and per with/without E and C_B) a round, shared by its
+    messages; the clients decode each once, and the nodes that got E and C_B in one download then
+    hold one record of them, read once a round. Each message still counts its own bytes."""
+    from fl.payload.slices import SliceCodec
+
+    model = _model()
+    strategy = _strategy(model, widths={0: 0.5, 1: 0.5, 2: 1.0, 3: 1.0})
+    decodes: list = []
+    real = SliceCodec.decode_slices
+    monkeypatch.setattr(SliceCodec, "decode_slices",
+                        lambda self, record, reference: decodes.append(record) or real(self, record, reference))
+    first = _messages(strategy, model, 1)
+    assert len({id(m.content[ARRAYS]) for m in first.values()}) == 2
+    assert payload_bytes(first[0].content) == payload_bytes(first[1].content)
+    states = {p: RecordDict() for p in first}
+    replies = {p: run_trainer(delta, m.content[ARRAYS], m.content[CONFIG], _env(p, 1, states[p]))[0]
+               for p, m in first.items()}
+    assert len(decodes) == 2
+    assert states[0][FROZEN_STATE] is states[1][FROZEN_STATE] is not states[2][FROZEN_STATE]
+    strategy.aggregate_train(1, [_reply(p, r, 5) for p, r in replies.items()])
+    second = _messages(strategy, model, 2)
+    assert not any(m.content[CONFIG][WITH_FROZEN] for m in second.values())
+    reads = []
+    for held in {id(st[FROZEN_STATE]): st[FROZEN_STATE] for st in states.values()}.values():
+        monkeypatch.setattr(held, "to_torch_state_dict", lambda real=held.to_torch_state_dict: reads.append(1) or real())
+    for p, m in second.items():
+        run_trainer(delta, m.content[ARRAYS], m.content[CONFIG], _env(p, 2, states[p]))
+    downloads = [m.content[ARRAYS] for m in second.values()]
+    assert sum(any(r is d for d in downloads) for r in decodes) == 2 and len(reads) == 2
+
+
 def test_the_evaluator_scores_the_tier_model_on_the_held_out_split():
     model = _model()
     strategy = _strategy(model, widths={p: 0.5 for p in range(4)}, fraction_evaluate=1.0, tier_eval_every=1)

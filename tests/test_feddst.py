@@ -356,6 +356,31 @@ def test_feddst_rounds_keep_budgets_and_move_masks_only_on_readjustment(tmp_path
         assert row["train/feddst/mask_version"] == info["version"][1]
 
 
+def test_clients_decode_a_rounds_broadcast_once_per_record(tmp_path, monkeypatch):
+    """Every client of a round receives the same record (one with the bitmap for nodes that lack
+    the mask, one of values for those that hold it): it is decoded once, not once per client, and
+    the run is the one whose golden hash tests/test_golden.py pins."""
+    import sys
+
+    from fl.payload import BitmapCodec
+
+    calls: dict[int, int] = {}
+    alive = []  # keeps every decoded record, so that no two share an id
+    real = BitmapCodec.decode_masked
+
+    def counted(self, record, reference, masks=None):
+        if sys._getframe(1).f_globals["__name__"] == "clients.feddst_trainer":  # not the server's screening
+            alive.append(record)
+            calls[id(record)] = calls.get(id(record), 0) + 1
+        return real(self, record, reference, masks)
+
+    monkeypatch.setattr(BitmapCodec, "decode_masked", counted)
+    _, run_dir = run_inprocess(tmp_path, ["strategy=feddst", "rounds=3", "num_clients=6", "fraction_fit=1.0"])
+    rows = read_metrics(run_dir)[1:]
+    assert [r["clients"] for r in rows] == [6, 6, 6]
+    assert set(calls.values()) == {1} and 3 <= len(calls) <= 2 * 3  # a bitmap and/or a values record a round
+
+
 def test_feddst_quick_run_is_cheaper_than_fedavg(tmp_path):
     summary, run_dir = run_inprocess(tmp_path / "dst", ["strategy=feddst", "codec.up=fp16", "fraction_evaluate=0.5"])
     _, dense_dir = run_inprocess(tmp_path / "avg", ["fraction_evaluate=0.5"])

@@ -6,7 +6,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fl.errors import ConfigError
-from fl.payload import CODECS, decode_shared, get_codec, payload_bytes, wire_bytes
+from fl.payload import CODECS, decode_shared, get_codec, payload_bytes, shared_decode, wire_bytes
 
 
 def _state():
@@ -108,6 +108,35 @@ def test_decode_shared_copies_a_record_to_a_device_once(monkeypatch):
     assert decode_shared(codec, record, state, torch.device("meta")) is on_device and len(moves) == len(state)
     assert decode_shared(codec, record, state, torch.device("cpu")) is cpu
     assert all(t.device.type == "cpu" for t in cpu.values())
+
+
+def test_shared_decode_decodes_once_per_record_and_tag_even_when_asked_at_once():
+    """Two clients asking at the same moment get one decode; another tag (a FedDST mask version)
+    is decoded apart; a tuple of mappings crosses to a device once, as a tuple."""
+    import threading
+
+    state = _state()
+    record = get_codec("dense_fp32").encode(state)
+    decodes, gate = [], threading.Event()
+
+    def decode():
+        decodes.append(1)
+        gate.wait(5)
+        return dict(state), {"mask": torch.ones(3, dtype=torch.bool)}
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(shared_decode(record, ("v", 1), decode)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join()
+    assert len(decodes) == 1 and all(r is results[0] for r in results)
+    assert shared_decode(record, ("v", 2), decode) is not results[0] and len(decodes) == 2
+    on_device = shared_decode(record, ("v", 1), decode, torch.device("meta"))
+    assert isinstance(on_device, tuple) and on_device[1]["mask"].device.type == "meta"
+    assert shared_decode(record, ("v", 1), decode, torch.device("meta")) is on_device and len(decodes) == 2
 
 
 def test_unknown_codec_lists_allowed():

@@ -17,7 +17,7 @@ reference state (names, shapes, dtypes) to decode; it always has one (its own mo
 
     accounting.py  payload_bytes, wire_bytes
     codec.py       Codec, the registry (get_codec), the dense codecs dense_fp32 and fp16
-    shared.py      decode_shared: a broadcast decoded once per round
+    shared.py      decode_shared, shared_decode: a broadcast decoded once per round
     update.py      update codecs (top-k, int8, fp16 updates, error feedback), int8_weights
     bitmap.py      sparse values + bitmap codecs (FedDST)
     slices.py      channel-slice codecs (Hermes, DELTA's tiers)
@@ -32,7 +32,7 @@ from fl.payload.codec import CODECS, Codec, State, array_values, get_codec, npy_
 from fl.payload.family import FAMILIES, family_of, resolve_codec
 from fl.payload.features import (FEATURE_CODED, coded_bytes_per_sample, decode_features, decode_indices, decode_tensors,
                                  encode_features, encode_indices, encode_tensors, index_bits)
-from fl.payload.shared import decode_shared
+from fl.payload.shared import decode_shared, shared_decode
 from fl.payload.slices import (SLICE_VALUES, Keep, SliceCodec, full_keep, keep_coordinates, kept_entries, relative_keep,
                                slice_codec, slice_state, sliced_dims, unslice_state)
 from fl.payload.update import (RESIDUAL_KEY, UPDATE_VALUES, UpdateCodec, decode_update, encode_reply, example_payload,
@@ -44,6 +44,6 @@ __all__ = [
     "array_values", "bitmap_codec", "coded_bytes_per_sample", "decode_bitmap", "decode_features", "decode_indices", "decode_shared",
     "decode_tensors", "decode_update", "encode_bitmap", "encode_features", "encode_indices", "encode_reply",
     "encode_tensors", "example_payload", "family_of", "full_keep", "get_codec", "has_bitmap", "index_bits", "keep_coordinates",
-    "kept_entries", "nonzero_masks", "npy_array", "payload_bytes", "register_codec", "relative_keep", "resolve_codec", "slice_codec", "slice_state",
+    "kept_entries", "nonzero_masks", "npy_array", "payload_bytes", "register_codec", "relative_keep", "resolve_codec", "shared_decode", "slice_codec", "slice_state",
     "sliced_dims", "topk_count", "unslice_state", "update_codec", "wire_bytes",
 ]
