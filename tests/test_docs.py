@@ -1,7 +1,9 @@
 """The documentation cannot drift: the configuration reference is the generator's output and lists
 exactly the keys the config files hold, every top-level key has a meaning, every relative link (and
 image) in README.md and docs/ points to a file that exists and, with an anchor, to a heading of it,
-and every figure of a table marked as coming from a results file is in that file."""
+every figure of a table marked as coming from a results file is in that file, and every paragraph
+that quotes a figure names the results or config files that hold it, and they do (in the figure's
+own unit)."""
 
 from __future__ import annotations
 
@@ -123,9 +125,9 @@ def _numbers_in(text: str) -> list[str]:
     return [n.replace(",", "") for n in NUMBER.findall(text)]
 
 
-def _values(path: Path) -> list[float]:
-    """Every number the file holds, and the unit changes a table may quote it in (share as a
-    percentage, bytes as KiB, MiB or GiB)."""
+def _values(path: Path, scales: tuple[float, ...] = (1, 100, 1 / 1024, 1 / 1024 ** 2, 1 / 1024 ** 3)) -> list[float]:
+    """Every number the file holds, in each of the unit changes ``scales`` (by default all a table
+    may quote it in: share as a percentage, bytes as KiB, MiB or GiB)."""
     if path.suffix == ".json":
         def leaves(node):
             if isinstance(node, dict):
@@ -139,7 +141,7 @@ def _values(path: Path) -> list[float]:
         raw = list(leaves(json.loads(path.read_text(encoding="utf-8"))))
     else:
         raw = [float(n) for n in _numbers_in(path.read_text(encoding="utf-8"))]
-    return [v * scale for v in raw for scale in (1, 100, 1 / 1024, 1 / 1024 ** 2, 1 / 1024 ** 3)]
+    return [v * scale for v in raw for scale in scales]
 
 
 def _quoted(table: str) -> list[str]:
@@ -202,7 +204,12 @@ PROSE_MARKER = re.compile(r"^<!-- prose figures from: (\S+(?: \S+)*?) -->\n((?:.
 # A figure in prose: a number with decimals, or one with a unit of measure after it (seconds,
 # percent, bytes, points); numbers in code spans are commands and settings, not figures.
 PROSE_FIGURE = re.compile(r"(?<![\w.])(-?\d[\d,]*\.\d+|-?\d[\d,]*(?= ?(?:m?s\b|%|[KMGT]i?B\b|x\b|points?\b"
-                          r"|bytes\b|min\b|minutes?\b|hours?\b)))")
+                          r"|bytes\b|min\b|minutes?\b|hours?\b)))( ?(?:m?s\b|%|[KMGT]i?B\b|x\b|points?\b|bytes\b"
+                          r"|min\b|minutes?\b|hours?\b))?")
+# The unit changes a prose figure may be quoted in, by its unit: a share as a percentage or
+# points, a size in a binary unit from a smaller one; a time, ratio or plain count as it is written.
+PROSE_SCALES = {"%": (1, 100), "points": (1, 100), "point": (1, 100), "": (1, 100), "KiB": (1, 1 / 1024),
+                "MiB": (1, 1 / 1024, 1 / 1024 ** 2), "GiB": (1, 1 / 1024, 1 / 1024 ** 2, 1 / 1024 ** 3)}
 CODE_SPAN = re.compile(r"`[^`]*`")
 
 
@@ -212,21 +219,41 @@ def _marked_paragraphs():
             yield page, [page.parent / source for source in sources.split()], paragraph
 
 
-def _prose_figures(paragraph: str) -> list[str]:
-    return [n.replace(",", "") for n in PROSE_FIGURE.findall(CODE_SPAN.sub("", paragraph))]
+def _prose_figures(paragraph: str) -> list[tuple[str, str]]:
+    """(figure, its unit or "") of every prose figure."""
+    return [(n.replace(",", ""), unit.strip()) for n, unit in PROSE_FIGURE.findall(CODE_SPAN.sub("", paragraph))]
 
 
 def test_prose_figures_are_found_in_text():
     text = ("took 0.130 s a round against 0.468 s (0.28x), 543 s, 9.35 points, 73% and `--rounds 3` at 2 px; "
             "40x less, 560 MB, 10 ms, 6 hours, 2 minutes, a -0.20 difference, 42-49%, a 2x2 map, 1/sqrt2")
-    assert _prose_figures(text) == ["0.130", "0.468", "0.28", "543", "9.35", "73", "40", "560", "10", "6", "2",
-                                    "-0.20", "49"]
+    figures = _prose_figures(text)
+    assert [f for f, _ in figures] == ["0.130", "0.468", "0.28", "543", "9.35", "73", "40", "560", "10", "6", "2",
+                                       "-0.20", "49"]
+    assert [u for _, u in figures][:6] == ["s", "s", "x", "s", "points", "%"] and figures[-2] == ("-0.20", "")
+
+
+def test_a_prose_figure_matches_its_file_only_in_its_own_unit(tmp_path):
+    """A time or a count is not a share: 26 s does not match a file's 0.257, 26% does."""
+    source = tmp_path / "r.txt"
+    source.write_text("locality 0.257, upload 2186470 bytes\n")
+    assert _missing_prose([source], _prose_figures("took 26 s")) == ["26"]
+    assert _missing_prose([source], _prose_figures("26% local, 2.1 MiB, 0.257 on average")) == []
 
 
 @pytest.mark.parametrize("page, files, paragraph", list(_marked_paragraphs()),
                          ids=lambda x: x.name if isinstance(x, Path) else "")
 def test_every_figure_of_a_marked_paragraph_is_in_its_results_file(page, files, paragraph):
-    _assert_in_results(page, files, _prose_figures(paragraph))
+    names = ", ".join(source.name for source in files)
+    assert all(source.exists() for source in files), f"{page.name}: no {names}"
+    figures = _prose_figures(paragraph)
+    assert figures, f"{page.name}: the paragraph marked with {names} quotes no figure"
+    assert _missing_prose(files, figures) == [], f"{page.name}: figures not in {names}"
+
+
+def _missing_prose(files: list[Path], figures: list[tuple[str, str]]) -> list[str]:
+    return [figure for figure, unit in figures
+            if not _appears(figure, [v for source in files for v in _values(source, PROSE_SCALES.get(unit, (1,)))])]
 
 
 def _paragraphs(page: Path):
