@@ -393,3 +393,14 @@ def test_hermes_end_to_end_logs_personalized_accuracy_and_shrinking_uploads(tmp_
         assert kept_upload < row["up_bytes"] < kept_upload + row["clients"] * 1500
     dense = sum(t.numel() for t in get_model("cnn_small", num_classes=10, width=0.25, hidden=24).state_dict().values())
     assert rows[1]["up_bytes"] < 4 * dense * rows[1]["clients"]
+
+
+def test_kept_entries_counts_the_coordinates_the_masks_keep():
+    g = torch.Generator().manual_seed(0)
+    reference = {"conv": torch.zeros(8, 3, 3, 3), "fc": torch.zeros(10, 72), "bias": torch.zeros(8),
+                 "scalar": torch.zeros(())}
+    for _ in range(5):
+        keep = {name: tuple(torch.rand(t.shape[d], generator=g) < 0.6 for d in range(min(t.dim(), 2)))
+                for name, t in reference.items()}
+        assert kept_entries(keep, reference) == sum(int(keep_coordinates(keep[n], t.shape).sum())
+                                                    for n, t in reference.items())

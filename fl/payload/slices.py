@@ -20,6 +20,8 @@ For cnn_small the bitmap is 3,275 bits (410 bytes), next to 2.2 MB of dense valu
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -59,8 +61,10 @@ def keep_coordinates(masks: tuple[torch.Tensor, ...], shape: torch.Size | tuple[
 
 
 def kept_entries(keep: Keep, reference: Mapping[str, torch.Tensor]) -> int:
-    """Number of coordinates ``keep`` holds over the whole state."""
-    return sum(int(keep_coordinates(keep[name], t.shape).sum()) for name, t in reference.items())
+    """Number of coordinates ``keep`` holds over the whole state: per tensor, the product of its
+    masks' kept channels and its unmasked dimensions (``keep_coordinates`` is their outer product)."""
+    return sum(math.prod(int(mask.sum()) for mask in keep[name]) * math.prod(t.shape[len(keep[name]):])
+               for name, t in reference.items())
 
 
 def slice_state(state: Mapping[str, torch.Tensor], keep: Keep) -> State:
