@@ -13,6 +13,7 @@ from fl.payload.codec import Codec, State
 
 Decoded = TypeVar("Decoded", State, tuple)  # name -> tensor, or a tuple of such mappings
 
+
 class _Slot:
     """One (record, tag)'s decoded copies: "cpu" and each device's; the lock makes a decode
     that two clients ask for at once happen once."""
@@ -38,8 +39,9 @@ def shared_decode(record: ArrayRecord, tag: Hashable, decode: Callable[[], Decod
     FedDST-like values without a bitmap, the mask version they are read with). ``decode`` returns
     name -> tensor mappings on the CPU (the payload's side, what a reply's update codec subtracts
     from), one or a tuple of them; with an accelerator as ``device``, their copy on it, so the
-    round's weights cross to the GPU once per round rather than once per client. The returned
-    tensors are shared: callers copy them into their model, never modify them.
+    round's weights cross to the GPU once per round rather than once per client. (Asked for on the
+    CPU only, ``decode`` may build any object to share, e.g. a record several nodes keep.) The
+    returned objects are shared: callers copy them into their model, never modify them.
     """
     key = id(record)
     where = "cpu" if device is None or device.type == "cpu" else str(device)
