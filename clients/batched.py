@@ -1,5 +1,6 @@
 """Vectorized clients for the in-process engine (``engine.batch_clients=K``): the ``dense``
-trainer (FedAvg) and the ``delta`` trainer (DELTA, per tier).
+trainer (FedAvg), the ``delta`` trainer (DELTA, per tier) and the ``masked`` trainer (FedDST-like,
+outside its readjustment rounds).
 
 ``ClientBatching`` answers a list of train messages of those trainers with the replies the
 ClientApp's train handler would send (``clients.app``): the same environment per node (its
@@ -10,9 +11,13 @@ hyper-parameters train as one ``fl.vectorized.train_dense_vectorized`` call (``d
 once, ``encode_reply`` with the node's state). DELTA: messages of one tier that share its settings,
 codecs and hyper-parameters train as ``clients.delta_trainer.train_fused_vectorized`` calls, one
 per step schedule, each client from its own ``receive`` (which keeps E and the classifier in the
-node's state as the sequential trainer does) and replying with ``upload``. ``train_seconds`` is each
-client's share of its call. Runs with plugins or faults get no batch handler
-(``fl.execute.batches_clients``): their client hooks and mods see one message at a time.
+node's state as the sequential trainer does) and replying with ``upload``. Masked: messages that
+share the received record, mask version, codecs and hyper-parameters train as one
+``train_dense_vectorized`` call under the global mask (``receive_masked`` per node, which keeps
+the mask a bitmap brings); a readjustment round (``readjust-alpha`` > 0) needs each client's
+dense gradient and trains one client at a time. ``train_seconds`` is each client's share of its
+call. Runs with plugins or faults get no batch handler (``fl.execute.batches_clients``): their
+client hooks and mods see one message at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from clients.app import note_first_train
 from clients.delta_trainer import NAME as DELTA
 from clients.delta_trainer import TIER_WIDTH, DeltaClientSettings, receive, tier_model, train_fused_vectorized, upload
+from clients.feddst_trainer import (MASK_HAMMING, MASK_VERSION, MASKED, READJUST_ALPHA, bitmap_codec_from,
+                                    receive_masked)
 from clients.trainer import TRAINER, ClientEnv, hyper_from
 from fl.compute import to_cpu
 from fl.delta.slices import template_state
@@ -33,7 +40,7 @@ from fl.specs import ClientSpec
 from fl.vectorized import groups, train_dense_vectorized
 
 DENSE = "dense"
-BATCHED = (DENSE, DELTA)  # the trainers this handler trains as one vmap
+BATCHED = (DENSE, DELTA, MASKED)  # the trainers this handler trains as one vmap
 
 
 class ClientBatching:
@@ -44,14 +51,17 @@ class ClientBatching:
         self.size = size
 
     def batchable(self, message: Message) -> bool:
-        return message.metadata.message_type == MessageType.TRAIN and _trainer(message) in BATCHED
+        if message.metadata.message_type != MessageType.TRAIN or _trainer(message) not in BATCHED:
+            return False
+        return _trainer(message) != MASKED or float(message.content[CONFIG].get(READJUST_ALPHA, 0.0)) == 0.0
 
     def __call__(self, work: list[tuple[Message, Context]]) -> list[Message]:
         envs = [ClientEnv.for_message(self.spec, msg, context) for msg, context in work]
         replies: list[Message | None] = [None] * len(work)
-        dense = [i for i, (msg, _) in enumerate(work) if _trainer(msg) == DENSE]
-        self._dense(work, envs, dense, replies)
-        self._delta(work, envs, [i for i, (msg, _) in enumerate(work) if _trainer(msg) != DENSE], replies)
+        of = [_trainer(msg) for msg, _ in work]
+        self._dense(work, envs, [i for i, t in enumerate(of) if t == DENSE], replies)
+        self._delta(work, envs, [i for i, t in enumerate(of) if t == DELTA], replies)
+        self._masked(work, envs, [i for i, t in enumerate(of) if t == MASKED], replies)
         return replies  # type: ignore[return-value]
 
     def _dense(self, work: list[tuple[Message, Context]], envs: list[ClientEnv], indices: list[int],
@@ -106,6 +116,34 @@ class ClientBatching:
                                   "train_seconds": seconds})
                         replies[i] = Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(m)}),
                                              reply_to=work[i][0])
+
+
+    def _masked(self, work: list[tuple[Message, Context]], envs: list[ClientEnv], indices: list[int],
+                replies: list[Message | None]) -> None:
+        calls: dict[tuple, list[int]] = {}
+        for i in indices:
+            config = work[i][0].content[CONFIG]
+            key = (id(work[i][0].content[ARRAYS]), int(config[MASK_VERSION]), str(config.get(CODEC)),
+                   str(config.get(UP_CODEC)), hyper_from(config))
+            calls.setdefault(key, []).append(i)
+        for (_, version, _, _, hyper), members in calls.items():
+            first = work[members[0]][0]
+            up = bitmap_codec_from(first.content[CONFIG], UP_CODEC)
+            with envs[members[0]].model() as model:
+                reference = model.state_dict()
+                for i in members:  # each node keeps the mask a bitmap brings; one decode for all
+                    received, masks = receive_masked(work[i][0].content[ARRAYS], work[i][0].content[CONFIG],
+                                                     envs[i], reference, envs[i].device)
+                note_first_train()
+                started = time.perf_counter()
+                states, metrics = train_dense_vectorized(model, received, [envs[i].data for i in members], hyper,
+                                                         [envs[i].generator for i in members], masks)
+                seconds = (time.perf_counter() - started) / len(members)
+            for i, state, m in zip(members, states, metrics):
+                record = up.encode_masked(to_cpu(state), dict(masks), with_bitmap=False)
+                m.update({MASK_VERSION: version, MASK_HAMMING: 0, "train_seconds": seconds})
+                m.setdefault(NUM_EXAMPLES, len(envs[i].data))
+                replies[i] = Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(m)}), reply_to=work[i][0])
 
 
 def _trainer(message: Message) -> str:

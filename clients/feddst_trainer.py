@@ -56,23 +56,13 @@ _HELD_META = "feddst.meta"  # ConfigRecord: {MASK_VERSION: its version}
 @register_trainer(MASKED)
 @contextmanager
 def masked(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterator[Session]:
-    down = _bitmap_codec(config, CODEC)
-    up = _bitmap_codec(config, UP_CODEC)
+    up = bitmap_codec_from(config, UP_CODEC)
     version = int(config[MASK_VERSION])
     alpha = float(config.get(READJUST_ALPHA, 0.0))
     with env.model() as model:
-        reference = model.state_dict()
-        # -- receive (decoded once per round: every client of a mask version reads the broadcast alike)
-        if has_bitmap(arrays):
-            tag: tuple = (down.name, "bitmap")
-            state, masks = shared_decode(arrays, tag, lambda: down.decode_masked(arrays, reference))
-            hold_mask(env.state, masks, version)
-        else:
-            check_held_version(env.state, version)
-            tag = (down.name, "values", version)
-            state, masks = shared_decode(arrays, tag, lambda: down.decode_masked(
-                arrays, reference, held_mask(env.state, reference, version)))
-        model.load_state_dict(shared_decode(arrays, tag, lambda: (state, masks), env.device)[0])
+        # -- receive ------------------------------------------------------------------------
+        state, masks = receive_masked(arrays, config, env, model.state_dict(), env.device)
+        model.load_state_dict(state)
         uploaded = dict(masks)
 
         def train() -> dict[str, float]:
@@ -90,6 +80,26 @@ def masked(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv) -> Iterato
         # -- upload (the readjusted mask with its bitmap on a readjustment round) -------------
         yield Session(model, train,
                       reply=lambda: up.encode_masked(to_cpu(model.state_dict()), uploaded, with_bitmap=alpha > 0))
+
+
+def receive_masked(arrays: ArrayRecord, config: ConfigRecord, env: ClientEnv, reference: Mapping[str, torch.Tensor],
+                   device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], Masks]:
+    """The global weights (on ``device``; None: the CPU) and mask (on the CPU) of a download:
+    values and bitmap, whose mask this node then holds, or values read with the mask it holds.
+    Decoded once per round (``fl.payload.shared_decode``): every client of a mask version reads
+    the broadcast alike. The tensors are shared: load them into a model, never modify them."""
+    down = bitmap_codec_from(config, CODEC)
+    version = int(config[MASK_VERSION])
+    if has_bitmap(arrays):
+        tag: tuple = (down.name, "bitmap")
+        state, masks = shared_decode(arrays, tag, lambda: down.decode_masked(arrays, reference))
+        hold_mask(env.state, masks, version)
+    else:
+        check_held_version(env.state, version)
+        tag = (down.name, "values", version)
+        state, masks = shared_decode(arrays, tag, lambda: down.decode_masked(
+            arrays, reference, held_mask(env.state, reference, version)))
+    return shared_decode(arrays, tag, lambda: (state, masks), device)[0], masks
 
 
 # -- local training under a mask ----------------------------------------------------------------
@@ -209,7 +219,7 @@ def held_mask(state: RecordDict, reference: Mapping[str, torch.Tensor], version:
             for name in record}
 
 
-def _bitmap_codec(config: ConfigRecord, key: str) -> BitmapCodec:
+def bitmap_codec_from(config: ConfigRecord, key: str) -> BitmapCodec:
     codec = get_codec(str(config.get(key, "bitmap_fp32")))
     if not isinstance(codec, BitmapCodec):
         raise ValueError(f"the masked trainer sends and receives bitmap codecs; config[{key!r}] names {codec.name!r}")

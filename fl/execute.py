@@ -38,13 +38,13 @@ class EngineSpec:
 
 
 def batches_clients(engine: EngineSpec, client: ClientSpec, faults: FaultSpec | None) -> bool:
-    """Whether the in-process engine trains dense and DELTA clients as one vmap (``engine.batch_clients`` > 1):
+    """Whether the in-process engine trains dense, DELTA and masked clients as one vmap (``engine.batch_clients`` > 1):
     not with plugins or active faults, whose client hooks and mods see one message at a time."""
     return engine.batch_clients > 1 and not client.plugins and not (faults is not None and faults.active)
 
 
 def client_batching(spec: ServerSpec, engine: EngineSpec, faults: FaultSpec | None) -> ClientBatching | None:
-    """The in-process engine's vectorized dense and DELTA clients, or None (``batches_clients``); whether the
+    """The in-process engine's vectorized dense, DELTA and masked clients, or None (``batches_clients``); whether the
     model allows them is checked with the config (``fl.config``)."""
     return ClientBatching(spec.client, engine.batch_clients) if batches_clients(engine, spec.client, faults) else None
 

@@ -24,7 +24,10 @@ What is the same as the sequential trainer, and how:
   are the same no-grad passes as ``fl.local_training.statistics_before/after``, one client at a time;
 - randomness inside the model (Dropout draws from the global stream, in the sequential order of
   the clients) cannot be reproduced per client in one vmap: such a model is refused
-  (``unsupported_reason``).
+  (``unsupported_reason``);
+- a sparse model (FedDST-like's ``clients.feddst_trainer.train_masked``, outside readjustment
+  rounds): with ``masks``, each masked weight starts on its mask, its gradient is multiplied by the
+  mask before each SGD step and the weight after it, as the sequential masked trainer does.
 
 Hand-written because no well-kept library trains independent FL clients as one vmap; torch.func is
 the real component.
@@ -70,11 +73,13 @@ def groups(datas: Sequence[ClientData], hyper: TrainHyper, min_size: int) -> lis
 
 
 def train_dense_vectorized(model: nn.Module, received: State, datas: Sequence[ClientData], hyper: TrainHyper,
-                           generators: Sequence[torch.Generator]) -> tuple[list[State], list[dict[str, float]]]:
+                           generators: Sequence[torch.Generator], masks: State | None = None,
+                           ) -> tuple[list[State], list[dict[str, float]]]:
     """Train each client of ``datas`` (with its generator) from ``received`` as ``train_dense``
-    would; returns their state dicts (in ``model.state_dict()``'s key order, on the model's device)
-    and metrics. ``model`` is a scratch instance of the architecture on the device the clients
-    train on (``fl.compute``): its weights are overwritten."""
+    would (with ``masks``, parameter name -> bool mask, as ``train_masked`` would without its dense
+    gradient); returns their state dicts (in ``model.state_dict()``'s key order, on the model's
+    device) and metrics. ``model`` is a scratch instance of the architecture on the device the
+    clients train on (``fl.compute``): its weights are overwritten."""
     if len(datas) != len(generators):
         raise ValueError(f"{len(datas)} clients but {len(generators)} generators")
     reason = unsupported_reason(model)
@@ -85,14 +90,15 @@ def train_dense_vectorized(model: nn.Module, received: State, datas: Sequence[Cl
     metrics: list[dict[str, float] | None] = [None] * len(datas)
     for members in groups(datas, hyper, min_size):
         trained, measured = _train_group(model, received, [datas[k] for k in members], hyper,
-                                         [generators[k] for k in members], min_size)
+                                         [generators[k] for k in members], min_size, masks)
         for k, state, m in zip(members, trained, measured):
             states[k], metrics[k] = state, m
     return states, metrics  # type: ignore[return-value]
 
 
 def _train_group(model: nn.Module, received: State, datas: Sequence[ClientData], hyper: TrainHyper,
-                 generators: Sequence[torch.Generator], min_size: int) -> tuple[list[State], list[dict[str, float]]]:
+                 generators: Sequence[torch.Generator], min_size: int,
+                 masks: State | None) -> tuple[list[State], list[dict[str, float]]]:
     k = len(datas)
     befores = []  # bn_stats=global: the received weights' statistics on each client's data
     for data in datas:
@@ -110,7 +116,7 @@ def _train_group(model: nn.Module, received: State, datas: Sequence[ClientData],
         return F.cross_entropy(logits, y), logits
 
     metrics = sgd_steps(stacked, [name for name, _ in model.named_parameters()], datas, hyper, generators, min_size,
-                        loss_of)
+                        loss_of, masks)
     buffers = {name for name, _ in model.named_buffers()}
     states = []
     for i, data in enumerate(datas):
@@ -125,16 +131,22 @@ def _train_group(model: nn.Module, received: State, datas: Sequence[ClientData],
 
 def sgd_steps(stacked: State, trainable: Sequence[str], datas: Sequence[ClientData], hyper: TrainHyper,
               generators: Sequence[torch.Generator], min_size: int,
-              loss_of: Callable[[State, Tensor, Tensor], tuple[Tensor, Tensor]]) -> list[dict[str, float]]:
+              loss_of: Callable[[State, Tensor, Tensor], tuple[Tensor, Tensor]],
+              masks: State | None = None) -> list[dict[str, float]]:
     """E epochs of minibatch SGD for K clients with the same step schedule, in place on ``stacked``
     (every state tensor with a leading client axis of K): each step is one vmap of
     ``grad_and_value(loss_of)`` over the clients, differentiating the ``trainable`` entries only (the
     others, frozen weights and buffers, are read and, for BatchNorm in training mode, updated in
     place per client). ``loss_of(state, x, y)`` returns one client's (loss, logits) for one batch.
-    Returns each client's mean training loss and accuracy."""
+    ``masks`` (trainable name -> bool mask of one client's shape, shared by the K clients) hold
+    those weights at 0 off their mask. Returns each client's mean training loss and accuracy."""
     k = len(datas)
     params = {name: stacked[name] for name in trainable}
     rest = {name: t for name, t in stacked.items() if name not in params}
+    held = {name: mask.to(params[name].device, params[name].dtype) for name, mask in (masks or {}).items()}
+    with torch.no_grad():
+        for name, mask in held.items():
+            params[name].mul_(mask)
 
     def objective(p: State, r: State, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return loss_of({**p, **r}, x, y)
@@ -152,7 +164,12 @@ def sgd_steps(stacked: State, trainable: Sequence[str], datas: Sequence[ClientDa
             x = torch.stack([b[0] for b in batches]).to(device)
             y = torch.stack([b[1] for b in batches]).to(device)
             grads, (loss, logits) = step(params, rest, x, y)
+            for name, mask in held.items():
+                grads[name].mul_(mask)
             momentum = _sgd(params, grads, momentum, hyper)
+            with torch.no_grad():
+                for name, mask in held.items():
+                    params[name].mul_(mask)
             for i, (value, hits) in enumerate(zip(loss.tolist(), (logits.argmax(-1) == y).sum(-1).tolist())):
                 loss_sum[i] += value * (end - start)
                 correct[i] += int(hits)

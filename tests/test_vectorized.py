@@ -104,6 +104,31 @@ def test_vectorized_equals_sequential_with_batchnorm(bn_stats):
     assert worst <= 1e-5, worst
 
 
+@pytest.mark.parametrize("make", [_cnn, _bn_net], ids=["cnn", "batchnorm"])
+def test_vectorized_under_a_mask_equals_the_sequential_masked_trainer(make):
+    """FedDST-like's local training (``train_masked`` without its dense gradient): every weight as
+    sequential, and every masked weight exactly 0 off its mask after training."""
+    from clients.feddst_trainer import train_masked
+
+    hyper = TrainHyper(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model = make()
+    g = torch.Generator().manual_seed(7)
+    masks = {name: torch.rand(p.shape, generator=g) < 0.4 for name, p in model.named_parameters() if p.dim() >= 2}
+    received = {k: (v * masks[k] if k in masks else v).clone() for k, v in model.state_dict().items()}
+    clients = _clients()
+    sequential = []
+    for data, gen in zip(clients, _generators(len(clients))):
+        model.load_state_dict(received)
+        metrics, _ = train_masked(model, data, hyper, gen, masks)
+        sequential.append(({k: v.clone() for k, v in model.state_dict().items()}, metrics))
+    states, metrics = train_dense_vectorized(copy.deepcopy(make()), received, clients, hyper,
+                                             _generators(len(clients)), masks)
+    assert _max_relative_difference(sequential, list(zip(states, metrics))) <= 1e-5
+    assert all(int(state[name][~mask].count_nonzero()) == 0 for state in states for name, mask in masks.items())
+    dense, _ = train_dense_vectorized(copy.deepcopy(make()), received, clients, hyper, _generators(len(clients)))
+    assert any(int(dense[0][name][~mask].count_nonzero()) > 0 for name, mask in masks.items())  # the mask mattered
+
+
 def test_clients_are_grouped_by_step_schedule():
     hyper = TrainHyper(batch_size=16)
     clients = _clients()
@@ -273,3 +298,33 @@ def test_delta_vectorized_equals_sequential(train_edge, width):
     assert worst <= 1e-5, worst
     frozen = [k for k in sequential[0][0] if k.startswith("classifier.")]
     assert all(torch.equal(state[k], sequential[0][0][k]) for state, _ in vectorized for k in frozen)
+
+
+def test_engine_batch_clients_gives_the_sequential_feddst_run(tmp_path, monkeypatch):
+    """FedDST-like: outside readjustment rounds the clients train under the global mask as one
+    vmap; a readjustment round (round 2 here) trains one client at a time. Model, metrics (mask
+    Hamming distances included) and bytes as sequential; every upload keeps the mask."""
+    import clients.batched
+    from fl.run_logger import read_metrics
+    from tests.helpers import run_inprocess
+
+    calls = []
+    vectorized = clients.batched.train_dense_vectorized
+
+    def counted(model, received, datas, hyper, generators, masks=None):
+        calls.append((len(datas), masks is not None))
+        return vectorized(model, received, datas, hyper, generators, masks)
+
+    monkeypatch.setattr(clients.batched, "train_dense_vectorized", counted)
+    overrides = ["strategy=feddst", "seed=1", "rounds=3", "strategy.r_adj=2", "strategy.r_end=3",
+                 "train.momentum=0.9", "num_clients=8", "fraction_fit=0.5", "data.partition.name=iid",
+                 "~data.partition.classes_per_client"]  # equal sizes: one step schedule
+    _, seq_dir = run_inprocess(tmp_path / "seq", overrides)
+    _, vec_dir = run_inprocess(tmp_path / "vec", overrides + ["engine.batch_clients=4"])
+    a, b = torch.load(seq_dir / "final_model.pt"), torch.load(vec_dir / "final_model.pt")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) / max(float(a[k].abs().max()), 1.0) for k in a if a[k].is_floating_point())
+    assert worst <= 1e-5, worst
+    assert all(torch.equal(a[k] == 0, b[k] == 0) for k in a if a[k].dim() >= 2)  # the same sparsity pattern
+    _rows_close(read_metrics(seq_dir), read_metrics(vec_dir))
+    assert calls and all(masked for _, masked in calls) and sum(n for n, _ in calls) == 2 * 4  # rounds 1 and 3
