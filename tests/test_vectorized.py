@@ -160,6 +160,15 @@ def _rows_close(a, b):
                 assert va == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
 
 
+def _final_models_close(seq_dir, vec_dir):
+    """The two runs' final models, every weight within 1e-5 of its tensor's scale."""
+    a, b = torch.load(seq_dir / "final_model.pt"), torch.load(vec_dir / "final_model.pt")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) / max(float(a[k].abs().max()), 1.0) for k in a if a[k].is_floating_point())
+    assert worst <= 1e-5, worst
+    return a, b
+
+
 def test_engine_batch_clients_gives_the_sequential_run(tmp_path, monkeypatch):
     import clients.batched
     from fl.run_logger import read_metrics
@@ -178,10 +187,7 @@ def test_engine_batch_clients_gives_the_sequential_run(tmp_path, monkeypatch):
     overrides = ["seed=3", "rounds=2", "train.momentum=0.9", "num_clients=8", "fraction_fit=0.5"]
     _, seq_dir = run_inprocess(tmp_path / "seq", overrides)
     _, vec_dir = run_inprocess(tmp_path / "vec", overrides + ["engine.batch_clients=3"])
-    a, b = torch.load(seq_dir / "final_model.pt"), torch.load(vec_dir / "final_model.pt")
-    assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) / max(float(a[k].abs().max()), 1.0) for k in a if a[k].is_floating_point())
-    assert worst <= 1e-5, worst
+    _final_models_close(seq_dir, vec_dir)
     _rows_close(read_metrics(seq_dir), read_metrics(vec_dir))
     assert sorted(calls) == [1, 1, 3, 3]  # 4 clients a round in chunks of at most 3 (on 2 threads), none fell back
 
@@ -207,10 +213,7 @@ def test_engine_batch_clients_gives_the_sequential_delta_run(tmp_path, monkeypat
     _, seq_dir = run_inprocess(tmp_path / "seq", overrides)
     assert calls == []
     _, vec_dir = run_inprocess(tmp_path / "vec", overrides + ["engine.batch_clients=8"])
-    a, b = torch.load(seq_dir / "final_model.pt"), torch.load(vec_dir / "final_model.pt")
-    assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) / max(float(a[k].abs().max()), 1.0) for k in a if a[k].is_floating_point())
-    assert worst <= 1e-5, worst
+    _final_models_close(seq_dir, vec_dir)
     _rows_close(read_metrics(seq_dir), read_metrics(vec_dir))
     assert calls == [2] * 8  # each round, each of the four tiers' two clients as one vmap
 
@@ -321,10 +324,7 @@ def test_engine_batch_clients_gives_the_sequential_feddst_run(tmp_path, monkeypa
                  "~data.partition.classes_per_client"]  # equal sizes: one step schedule
     _, seq_dir = run_inprocess(tmp_path / "seq", overrides)
     _, vec_dir = run_inprocess(tmp_path / "vec", overrides + ["engine.batch_clients=4"])
-    a, b = torch.load(seq_dir / "final_model.pt"), torch.load(vec_dir / "final_model.pt")
-    assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) / max(float(a[k].abs().max()), 1.0) for k in a if a[k].is_floating_point())
-    assert worst <= 1e-5, worst
+    a, b = _final_models_close(seq_dir, vec_dir)
     assert all(torch.equal(a[k] == 0, b[k] == 0) for k in a if a[k].dim() >= 2)  # the same sparsity pattern
     _rows_close(read_metrics(seq_dir), read_metrics(vec_dir))
     assert calls and all(masked for _, masked in calls) and sum(n for n, _ in calls) == 2 * 4  # rounds 1 and 3
