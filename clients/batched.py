@@ -23,8 +23,9 @@ client hooks and mods see one message at a time.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients.app import note_first_train
 from clients.delta_trainer import NAME as DELTA
@@ -51,9 +52,9 @@ class ClientBatching:
         self.size = size
 
     def batchable(self, message: Message) -> bool:
-        if message.metadata.message_type != MessageType.TRAIN or _trainer(message) not in BATCHED:
-            return False
-        return _trainer(message) != MASKED or float(message.content[CONFIG].get(READJUST_ALPHA, 0.0)) == 0.0
+        trainer = _trainer(message)
+        return (message.metadata.message_type == MessageType.TRAIN and trainer in BATCHED
+                and (trainer != MASKED or float(message.content[CONFIG].get(READJUST_ALPHA, 0.0)) == 0.0))
 
     def __call__(self, work: list[tuple[Message, Context]]) -> list[Message]:
         envs = [ClientEnv.for_message(self.spec, msg, context) for msg, context in work]
@@ -66,12 +67,9 @@ class ClientBatching:
 
     def _dense(self, work: list[tuple[Message, Context]], envs: list[ClientEnv], indices: list[int],
                replies: list[Message | None]) -> None:
-        calls: dict[tuple, list[int]] = {}
-        for i in indices:
-            config = work[i][0].content[CONFIG]
-            key = (id(work[i][0].content[ARRAYS]), str(config.get(CODEC, "dense_fp32")),
-                   str(config.get(UP_CODEC, "dense_fp32")), hyper_from(config))
-            calls.setdefault(key, []).append(i)
+        calls = _calls(work, indices, lambda msg, config: (
+            id(msg.content[ARRAYS]), str(config.get(CODEC, "dense_fp32")), str(config.get(UP_CODEC, "dense_fp32")),
+            hyper_from(config)))
         for (_, down, up, hyper), members in calls.items():
             first = work[members[0]][0]
             with envs[members[0]].model() as model:
@@ -85,16 +83,13 @@ class ClientBatching:
                 record = encode_reply(get_codec(up), to_cpu(state), received, envs[i].state)
                 m["train_seconds"] = seconds
                 m.setdefault(NUM_EXAMPLES, len(envs[i].data))
-                replies[i] = Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(m)}), reply_to=work[i][0])
+                replies[i] = _reply(work[i][0], record, m)
 
     def _delta(self, work: list[tuple[Message, Context]], envs: list[ClientEnv], indices: list[int],
                replies: list[Message | None]) -> None:
-        calls: dict[tuple, list[int]] = {}
-        for i in indices:
-            config = work[i][0].content[CONFIG]
-            key = (DeltaClientSettings.from_config(config), str(config.get(CODEC)), str(config.get(UP_CODEC)),
-                   hyper_from(config))
-            calls.setdefault(key, []).append(i)
+        calls = _calls(work, indices, lambda msg, config: (
+            DeltaClientSettings.from_config(config), str(config.get(CODEC)), str(config.get(UP_CODEC)),
+            hyper_from(config)))
         for (s, _, _, hyper), members in calls.items():
             full = template_state(s.arch_json)
             config = work[members[0]][0].content[CONFIG]
@@ -114,18 +109,13 @@ class ClientBatching:
                         record = upload(to_cpu(state), work[i][0].content[CONFIG], s, full)
                         m.update({TIER_WIDTH: s.width, NUM_EXAMPLES: len(datas[g]),
                                   "train_seconds": seconds})
-                        replies[i] = Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(m)}),
-                                             reply_to=work[i][0])
-
+                        replies[i] = _reply(work[i][0], record, m)
 
     def _masked(self, work: list[tuple[Message, Context]], envs: list[ClientEnv], indices: list[int],
                 replies: list[Message | None]) -> None:
-        calls: dict[tuple, list[int]] = {}
-        for i in indices:
-            config = work[i][0].content[CONFIG]
-            key = (id(work[i][0].content[ARRAYS]), int(config[MASK_VERSION]), str(config.get(CODEC)),
-                   str(config.get(UP_CODEC)), hyper_from(config))
-            calls.setdefault(key, []).append(i)
+        calls = _calls(work, indices, lambda msg, config: (
+            id(msg.content[ARRAYS]), int(config[MASK_VERSION]), str(config.get(CODEC)), str(config.get(UP_CODEC)),
+            hyper_from(config)))
         for (_, version, _, _, hyper), members in calls.items():
             first = work[members[0]][0]
             up = bitmap_codec_from(first.content[CONFIG], UP_CODEC)
@@ -140,10 +130,26 @@ class ClientBatching:
                                                          [envs[i].generator for i in members], masks)
                 seconds = (time.perf_counter() - started) / len(members)
             for i, state, m in zip(members, states, metrics):
-                record = up.encode_masked(to_cpu(state), dict(masks), with_bitmap=False)
+                record = up.encode_masked(to_cpu(state), masks, with_bitmap=False)
                 m.update({MASK_VERSION: version, MASK_HAMMING: 0, "train_seconds": seconds})
                 m.setdefault(NUM_EXAMPLES, len(envs[i].data))
-                replies[i] = Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(m)}), reply_to=work[i][0])
+                replies[i] = _reply(work[i][0], record, m)
+
+
+def _calls(work: list[tuple[Message, Context]], indices: list[int],
+           key_of: Callable[[Message, ConfigRecord], tuple]) -> dict[tuple, list[int]]:
+    """``indices`` grouped into one vectorized call per ``key_of(message, its config)``: what the
+    grouped messages must share (their received record, settings, codecs, hyper-parameters)."""
+    calls: dict[tuple, list[int]] = {}
+    for i in indices:
+        message = work[i][0]
+        calls.setdefault(key_of(message, message.content[CONFIG]), []).append(i)
+    return calls
+
+
+def _reply(message: Message, record: ArrayRecord, metrics: dict[str, float]) -> Message:
+    """The reply the ClientApp's train handler sends: the payload and the metrics."""
+    return Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(metrics)}), reply_to=message)
 
 
 def _trainer(message: Message) -> str:

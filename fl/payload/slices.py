@@ -21,7 +21,6 @@ For cnn_small the bitmap is 3,275 bits (410 bytes), next to 2.2 MB of dense valu
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Mapping
 
