@@ -7,6 +7,7 @@ own unit)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -125,9 +126,13 @@ def _numbers_in(text: str) -> list[str]:
     return [n.replace(",", "") for n in NUMBER.findall(text)]
 
 
-def _values(path: Path, scales: tuple[float, ...] = (1, 100, 1 / 1024, 1 / 1024 ** 2, 1 / 1024 ** 3)) -> list[float]:
-    """Every number the file holds, in each of the unit changes ``scales`` (by default all a table
-    may quote it in: share as a percentage, bytes as KiB, MiB or GiB)."""
+# The unit changes a table's figure may be quoted in: share as a percentage, bytes as KiB, MiB or GiB.
+ANY_UNIT = (1, 100, 1 / 1024, 1 / 1024 ** 2, 1 / 1024 ** 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _values(path: Path, scales: tuple[float, ...] = ANY_UNIT) -> tuple[float, ...]:
+    """Every number the file holds, in each of the unit changes ``scales``."""
     if path.suffix == ".json":
         def leaves(node):
             if isinstance(node, dict):
@@ -141,7 +146,7 @@ def _values(path: Path, scales: tuple[float, ...] = (1, 100, 1 / 1024, 1 / 1024 
         raw = list(leaves(json.loads(path.read_text(encoding="utf-8"))))
     else:
         raw = [float(n) for n in _numbers_in(path.read_text(encoding="utf-8"))]
-    return [v * scale for v in raw for scale in scales]
+    return tuple(v * scale for v in raw for scale in scales)
 
 
 def _quoted(table: str) -> list[str]:
@@ -186,16 +191,20 @@ def test_a_benchmark_report_starts_with_the_command_that_wrote_it():
                          ids=lambda x: x.name if isinstance(x, Path) else "")
 def test_every_figure_of_a_marked_table_is_in_its_results_file(page, files, figures):
     """A table's figures are in its results file (in one of them, where the marker names several)."""
-    _assert_in_results(page, files, figures)
+    _assert_in_results(page, files, [(figure, ANY_UNIT) for figure in figures])
 
 
-def _assert_in_results(page: Path, files: list[Path], figures: list[str]) -> None:
+def _assert_in_results(page: Path, files: list[Path], figures: list[tuple[str, tuple[float, ...]]]) -> None:
+    """Each (figure, the unit changes it may be quoted in) is in one of ``files``."""
     names = ", ".join(source.name for source in files)
     assert all(source.exists() for source in files), f"{page.name}: no {names}"
     assert figures, f"{page.name}: the block marked with {names} quotes no figure"
-    values = [v for source in files for v in _values(source)]
-    missing = [figure for figure in figures if not _appears(figure, values)]
-    assert missing == [], f"{page.name}: figures not in {names}"
+    assert _missing(files, figures) == [], f"{page.name}: figures not in {names}"
+
+
+def _missing(files: list[Path], figures: list[tuple[str, tuple[float, ...]]]) -> list[str]:
+    return [figure for figure, scales in figures
+            if not _appears(figure, [v for source in files for v in _values(source, scales)])]
 
 
 # -- measured figures in prose: a paragraph marked <!-- prose figures from: ... --> ---------------------
@@ -237,23 +246,18 @@ def test_a_prose_figure_matches_its_file_only_in_its_own_unit(tmp_path):
     """A time or a count is not a share: 26 s does not match a file's 0.257, 26% does."""
     source = tmp_path / "r.txt"
     source.write_text("locality 0.257, upload 2186470 bytes\n")
-    assert _missing_prose([source], _prose_figures("took 26 s")) == ["26"]
-    assert _missing_prose([source], _prose_figures("26% local, 2.1 MiB, 0.257 on average")) == []
+    assert _missing([source], _in_own_units(_prose_figures("took 26 s"))) == ["26"]
+    assert _missing([source], _in_own_units(_prose_figures("26% local, 2.1 MiB, 0.257 on average"))) == []
 
 
 @pytest.mark.parametrize("page, files, paragraph", list(_marked_paragraphs()),
                          ids=lambda x: x.name if isinstance(x, Path) else "")
 def test_every_figure_of_a_marked_paragraph_is_in_its_results_file(page, files, paragraph):
-    names = ", ".join(source.name for source in files)
-    assert all(source.exists() for source in files), f"{page.name}: no {names}"
-    figures = _prose_figures(paragraph)
-    assert figures, f"{page.name}: the paragraph marked with {names} quotes no figure"
-    assert _missing_prose(files, figures) == [], f"{page.name}: figures not in {names}"
+    _assert_in_results(page, files, _in_own_units(_prose_figures(paragraph)))
 
 
-def _missing_prose(files: list[Path], figures: list[tuple[str, str]]) -> list[str]:
-    return [figure for figure, unit in figures
-            if not _appears(figure, [v for source in files for v in _values(source, PROSE_SCALES.get(unit, (1,)))])]
+def _in_own_units(figures: list[tuple[str, str]]) -> list[tuple[str, tuple[float, ...]]]:
+    return [(figure, PROSE_SCALES.get(unit, (1,))) for figure, unit in figures]
 
 
 def _paragraphs(page: Path):
