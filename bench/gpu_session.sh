@@ -36,6 +36,8 @@ wanted vectorized && step 60 "vectorized" python bench/vectorized.py --sizes 10 
     --out "$OUT/vectorized_cuda.txt"
 wanted breakdown && step 60 "round breakdown" python bench/round_breakdown.py --compute cuda \
     --out "$OUT/round_breakdown_cuda.txt"
+wanted breakdown && step 60 "round breakdown, 80 clients a vmap" python bench/round_breakdown.py --compute cuda \
+    --batch-clients 80 --out "$OUT/round_breakdown_cuda_vmap.txt"
 wanted workers && step 150 "inprocess worker threads, N=100" python bench/engine_overhead.py --sizes 100 \
     --skip-ray --workers 2 4 8 --compute cuda --out "$OUT/engine_workers_cuda.txt"
 wanted engines && step 150 "engines, N=100" python bench/engine_overhead.py --sizes 100 --batch-clients 80 \

@@ -33,7 +33,7 @@ from clients.delta_trainer import TIER_WIDTH, DeltaClientSettings, receive, tier
 from clients.feddst_trainer import (MASK_HAMMING, MASK_VERSION, MASKED, READJUST_ALPHA, bitmap_codec_from,
                                     receive_masked)
 from clients.trainer import TRAINER, ClientEnv, hyper_from
-from fl.compute import to_cpu
+from fl.compute import all_to_cpu
 from fl.delta.slices import template_state
 from fl.message_keys import ARRAYS, CODEC, CONFIG, METRICS, NUM_EXAMPLES, UP_CODEC
 from fl.payload import decode_shared, encode_reply, get_codec
@@ -79,8 +79,8 @@ class ClientBatching:
                 states, metrics = train_dense_vectorized(model, received, [envs[i].data for i in members], hyper,
                                                          [envs[i].generator for i in members])
                 seconds = (time.perf_counter() - started) / len(members)
-            for i, state, m in zip(members, states, metrics):
-                record = encode_reply(get_codec(up), to_cpu(state), received, envs[i].state)
+            for i, state, m in zip(members, all_to_cpu(states), metrics):
+                record = encode_reply(get_codec(up), state, received, envs[i].state)
                 m["train_seconds"] = seconds
                 m.setdefault(NUM_EXAMPLES, len(envs[i].data))
                 replies[i] = _reply(work[i][0], record, m)
@@ -104,9 +104,9 @@ class ClientBatching:
                                                              [datas[g] for g in group], config, s,
                                                              [envs[members[g]].generator for g in group])
                     seconds = (time.perf_counter() - started) / len(group)
-                    for g, state, m in zip(group, states, metrics):
+                    for g, state, m in zip(group, all_to_cpu(states), metrics):
                         i = members[g]
-                        record = upload(to_cpu(state), work[i][0].content[CONFIG], s, full)
+                        record = upload(state, work[i][0].content[CONFIG], s, full)
                         m.update({TIER_WIDTH: s.width, NUM_EXAMPLES: len(datas[g]),
                                   "train_seconds": seconds})
                         replies[i] = _reply(work[i][0], record, m)
@@ -129,8 +129,8 @@ class ClientBatching:
                 states, metrics = train_dense_vectorized(model, received, [envs[i].data for i in members], hyper,
                                                          [envs[i].generator for i in members], masks)
                 seconds = (time.perf_counter() - started) / len(members)
-            for i, state, m in zip(members, states, metrics):
-                record = up.encode_masked(to_cpu(state), masks, with_bitmap=False)
+            for i, state, m in zip(members, all_to_cpu(states), metrics):
+                record = up.encode_masked(state, masks, with_bitmap=False)
                 m.update({MASK_VERSION: version, MASK_HAMMING: 0, "train_seconds": seconds})
                 m.setdefault(NUM_EXAMPLES, len(envs[i].data))
                 replies[i] = _reply(work[i][0], record, m)

@@ -34,7 +34,7 @@ from fl.delta.network import Branches, DeltaArch, FusedDelta, fnc_loss, fuse, gr
 from fl.delta.slices import (ARCH, FNC_WEIGHT, FROZEN_META, FROZEN_STATE, FROZEN_VERSION, SR_WEIGHT, TRAIN_EDGE,
                              VAL_FRACTION, WIDTH, WITH_FROZEN, download_layout, is_frozen, same_keep,
                              template_state, upload_layout)
-from fl.local_training import ClientData, evaluate
+from fl.local_training import ClientData, RunningMetrics, evaluate
 from fl.vectorized import State, sgd_steps
 from fl.message_keys import CODEC, NUM_EXAMPLES, UP_CODEC
 from fl.payload import shared_decode
@@ -138,7 +138,7 @@ def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: De
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=hyper.lr, momentum=hyper.momentum, weight_decay=hyper.weight_decay)
     device = model_device(model)
-    loss_sum, correct, seen = 0.0, 0, 0
+    running = RunningMetrics()
     for _ in range(hyper.epochs):
         for x, y in data.batches(hyper.batch_size, generator, device=device):
             if s.train_edge:
@@ -151,11 +151,9 @@ def train_fused(model: FusedDelta, data: ClientData, config: ConfigRecord, s: De
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+            running.add(loss, logits, y)
     model.eval()
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+    return running.means()[0]
 
 
 def train_fused_vectorized(model: FusedDelta, receiveds: Sequence[State], datas: Sequence[ClientData],

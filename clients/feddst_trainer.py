@@ -38,7 +38,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from clients.trainer import ClientEnv, Session, hyper_from, register_trainer
 from fl.batchnorm import smallest_batch
 from fl.compute import model_device, to_cpu
-from fl.local_training import ClientData, TrainHyper, local_sgd, statistics_after, statistics_before
+from fl.local_training import (ClientData, RunningMetrics, TrainHyper, local_sgd, statistics_after,
+                               statistics_before)
 from fl.message_keys import CODEC, UP_CODEC
 from fl.payload import BitmapCodec, Masks, get_codec, has_bitmap, shared_decode
 
@@ -127,7 +128,7 @@ def train_masked(model: nn.Module, data: ClientData, hyper: TrainHyper, generato
     model.train()
     optimizer = local_sgd(model, hyper)
     device = model_device(model)
-    loss_sum, correct, seen = 0.0, 0, 0
+    running = RunningMetrics()
     for epoch in range(hyper.epochs):
         last = epoch == hyper.epochs - 1
         for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model), device=device):
@@ -149,13 +150,11 @@ def train_masked(model: nn.Module, data: ClientData, hyper: TrainHyper, generato
                     weight.mul_(mask)
             if after_step is not None:
                 after_step(model)
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+            running.add(loss, logits, y)
     for g in gradient.values():
         g.div_(max(batches_in_last_epoch, 1))
     statistics_after(model, data, hyper, before)
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}, gradient
+    return running.means()[0], gradient
 
 
 # -- mask readjustment ------------------------------------------------------------------------

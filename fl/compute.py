@@ -23,7 +23,7 @@ How the choice is made and used:
   (``fl.local_training.ClientData.batches``), so a model left on the CPU (an int8-quantized one,
   which has no CUDA kernels) still works.
 - The payload never leaves the CPU: a client moves its state to the CPU before it encodes its
-  reply (``to_cpu``), every codec decodes into CPU tensors from NumPy, and received weights are
+  reply (``to_cpu``, one copy per dtype), every codec decodes into CPU tensors from NumPy, and received weights are
   copied onto the device by ``load_state_dict``. The bytes sent and counted are therefore the same
   on every device; on the CPU every call here is the identity (``Tensor.to``/``Module.to`` to the
   device a tensor is on returns it as it is), so a CPU run is bit-identical to one without the key.
@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from typing import Iterator, Mapping
+from typing import Hashable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ from fl.errors import ConfigError
 
 COMPUTE_KEY = "compute"
 COMPUTE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+Key = TypeVar("Key", bound=Hashable)  # a state's tensor names
 _CUDA_INDEX = re.compile(r"^cuda:(\d+)$")
 CPU = torch.device("cpu")
 
@@ -96,10 +97,35 @@ def model_device(model: nn.Module) -> torch.device:
     return CPU
 
 
-def to_cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_cpu(state: Mapping[Key, torch.Tensor]) -> dict[Key, torch.Tensor]:
     """``state`` with every tensor detached on the CPU: what a codec encodes. The same tensors
-    (no copy) when they are on the CPU already."""
-    return {name: tensor.detach().cpu() for name, tensor in state.items()}
+    (no copy) when they are on the CPU already; those on an accelerator cross in one copy per
+    device and dtype (``one_copy``), so a reply costs one host round trip, not one per tensor."""
+    detached = {name: tensor.detach() for name, tensor in state.items()}
+    copied = one_copy({name: t for name, t in detached.items() if t.device.type != "cpu"})
+    return {name: copied.get(name, t) for name, t in detached.items()}
+
+
+def all_to_cpu(states: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """``to_cpu`` of several states (the replies of K vectorized clients) in one copy per device and
+    dtype for all of them."""
+    merged = to_cpu({(i, name): t for i, state in enumerate(states) for name, t in state.items()})
+    return [{name: merged[(i, name)] for name in state} for i, state in enumerate(states)]
+
+
+def one_copy(tensors: Mapping[Key, torch.Tensor]) -> dict[Key, torch.Tensor]:
+    """Copies of ``tensors`` on the CPU, one transfer per (device, dtype) group: the group is
+    concatenated flat where it is, copied once, and each tensor is a view of that host copy in its
+    own shape, with the same values."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Key]] = {}
+    for name, tensor in tensors.items():
+        groups.setdefault((tensor.device, tensor.dtype), []).append(name)
+    copied: dict[Key, torch.Tensor] = {}
+    for names in groups.values():
+        flat = torch.cat([tensors[name].reshape(-1) for name in names]).cpu()
+        for name, part in zip(names, flat.split([tensors[name].numel() for name in names])):
+            copied[name] = part.view(tensors[name].shape)
+    return {name: copied[name] for name in tensors}
 
 
 @contextlib.contextmanager

@@ -98,6 +98,39 @@ def _recompute_on(model: nn.Module, data: ClientData, hyper: TrainHyper,
                                                    device=model_device(model)), forward)
 
 
+class RunningMetrics:
+    """Sample-weighted loss and accuracy over a client's minibatches (or K clients' at once, every
+    tensor with a leading client axis), summed on the device the batches are on: on a GPU, no
+    host round trip per batch, one when the means are read. The sums are float64 and int64 in
+    batch order, so the means equal a host loop of ``loss.item() * len(y)`` and
+    ``int(hits)`` bit for bit."""
+
+    def __init__(self, clients: int = 1):
+        self.clients = clients
+        self.loss_sum: Tensor | None = None
+        self.correct: Tensor | None = None
+        self.seen = 0
+
+    @torch.no_grad()
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor, *, mean: bool = True) -> None:
+        """One batch: ``loss`` is its mean (``mean=True``) or its sum; ``y`` its labels."""
+        n = y.shape[-1]
+        loss_total = loss.detach().to(torch.float64) * (n if mean else 1)
+        hits = (logits.argmax(-1) == y).sum(-1)
+        self.loss_sum = loss_total if self.loss_sum is None else self.loss_sum + loss_total
+        self.correct = hits if self.correct is None else self.correct + hits
+        self.seen += n
+
+    def means(self, loss_key: str = "train_loss", accuracy_key: str = "train_accuracy") -> list[dict[str, float]]:
+        """Each client's mean loss and accuracy (zeros before any batch)."""
+        seen = max(self.seen, 1)
+        if self.loss_sum is None or self.correct is None:
+            return [{loss_key: 0.0, accuracy_key: 0.0} for _ in range(self.clients)]
+        losses = self.loss_sum.reshape(-1).tolist()
+        hits = self.correct.reshape(-1).tolist()
+        return [{loss_key: loss / seen, accuracy_key: int(hit) / seen} for loss, hit in zip(losses, hits)]
+
+
 def local_sgd(model: nn.Module, hyper: TrainHyper) -> torch.optim.SGD:
     """The client's optimizer: plain SGD with the message's learning rate, momentum and weight
     decay, new every round (momentum does not carry over between rounds)."""
@@ -110,7 +143,7 @@ def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator
     model.train()
     optimizer = local_sgd(model, hyper)
     device = model_device(model)
-    loss_sum, correct, seen = 0.0, 0, 0
+    running = RunningMetrics()
     for _ in range(hyper.epochs):
         for x, y in data.batches(hyper.batch_size, generator, smallest_batch(model), device=device):
             optimizer.zero_grad(set_to_none=True)
@@ -118,21 +151,17 @@ def train_dense(model: nn.Module, data: ClientData, hyper: TrainHyper, generator
             loss = F.cross_entropy(logits, y)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+            running.add(loss, logits, y)
     statistics_after(model, data, hyper, before)
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+    return running.means()[0]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ClientData, batch_size: int = 512) -> dict[str, float]:
     """Loss and accuracy of ``model`` on ``data``, on the device the model is on."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    running = RunningMetrics()
     for x, y in data.batches(batch_size, None, device=model_device(model)):
         logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
-    n = max(len(data), 1)
-    return {"loss": loss_sum / n, "accuracy": correct / n}
+        running.add(F.cross_entropy(logits, y, reduction="sum"), logits, y, mean=False)
+    return running.means("loss", "accuracy")[0]

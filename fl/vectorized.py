@@ -13,9 +13,11 @@ batched kernels (``tests/test_vectorized.py``: max abs difference about 1e-7 of 
 
 What is the same as the sequential trainer, and how:
 
-- minibatch order: each client's own ``torch.Generator`` draws one ``randperm`` per epoch, in the
-  same order as ``ClientData.batches`` draws it; a last batch smaller than ``smallest_batch`` joins
-  the one before it (``batch_bounds``);
+- minibatches: each client's are ``ClientData.batches``' (the sequential trainer's): its own
+  ``torch.Generator`` draws one ``randperm`` per epoch, a last batch smaller than
+  ``smallest_batch`` joins the one before it, and on an accelerator they are indexed from the
+  client's resident samples (``fl.resident_data``), so a step copies nothing from the host;
+- metrics: summed on the device (``fl.local_training.RunningMetrics``), read once per call;
 - unequal sample counts: clients are grouped by their step schedule (the list of batch sizes);
   each group is one vmap, a group of one is still exact;
 - BatchNorm: the stacked running statistics are passed to ``functional_call`` as per-client
@@ -45,7 +47,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fl.batchnorm import smallest_batch
 from fl.compute import model_device
-from fl.local_training import ClientData, TrainHyper, batch_bounds, statistics_after, statistics_before
+from fl.local_training import (ClientData, RunningMetrics, TrainHyper, batch_bounds, statistics_after,
+                               statistics_before)
 
 State = dict[str, Tensor]
 
@@ -154,15 +157,13 @@ def sgd_steps(stacked: State, trainable: Sequence[str], datas: Sequence[ClientDa
     step = vmap(grad_and_value(objective, has_aux=True), in_dims=(0, 0, 0, 0))
     device = next(iter(stacked.values())).device
     momentum: State | None = None
-    loss_sum, correct, seen = [0.0] * k, [0] * k, [0] * k
-    n = len(datas[0])
-    bounds = batch_bounds(n, hyper.batch_size, min_size)
+    running = RunningMetrics(k)
     for _ in range(hyper.epochs):
-        orders = [data.indices[torch.randperm(n, generator=g).numpy()] for data, g in zip(datas, generators)]
-        for start, end in bounds:
-            batches = [data.images.get(order[start:end]) for data, order in zip(datas, orders)]
-            x = torch.stack([b[0] for b in batches]).to(device)
-            y = torch.stack([b[1] for b in batches]).to(device)
+        # each client's minibatches as train_dense draws them (resident on an accelerator), side by side
+        for batches in zip(*(data.batches(hyper.batch_size, g, min_size, device=device)
+                             for data, g in zip(datas, generators))):
+            x = torch.stack([b[0] for b in batches])
+            y = torch.stack([b[1] for b in batches])
             grads, (loss, logits) = step(params, rest, x, y)
             for name, mask in held.items():
                 grads[name].mul_(mask)
@@ -170,12 +171,8 @@ def sgd_steps(stacked: State, trainable: Sequence[str], datas: Sequence[ClientDa
             with torch.no_grad():
                 for name, mask in held.items():
                     params[name].mul_(mask)
-            for i, (value, hits) in enumerate(zip(loss.tolist(), (logits.argmax(-1) == y).sum(-1).tolist())):
-                loss_sum[i] += value * (end - start)
-                correct[i] += int(hits)
-                seen[i] += end - start
-    return [{"train_loss": loss_sum[i] / max(seen[i], 1), "train_accuracy": correct[i] / max(seen[i], 1)}
-            for i in range(k)]
+            running.add(loss, logits, y)
+    return running.means()
 
 
 @torch.no_grad()

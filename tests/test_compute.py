@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fl.compute
-from fl.compute import CPU, model_device, placed, resolve_compute, to_cpu
+from fl.compute import CPU, all_to_cpu, model_device, one_copy, placed, resolve_compute, to_cpu
 from fl.errors import ConfigError
 from fl.hooks import Plugin
 from fl.run_logger import read_metrics
@@ -89,11 +89,41 @@ def test_the_cpu_helpers_are_the_identity_on_the_cpu():
     model = nn.Linear(3, 2)
     state = model.state_dict()
     assert all(to_cpu(state)[k].data_ptr() == state[k].data_ptr() for k in state)  # no copy
+    other = nn.Linear(3, 2).state_dict()
+    both = all_to_cpu([state, other])
+    assert [list(s) for s in both] == [list(state), list(other)]
+    assert all(both[1][k].data_ptr() == other[k].data_ptr() for k in other)
     assert model_device(model) == CPU and model_device(nn.ReLU()) == CPU
     weight = model.weight
     with placed(model, CPU):
         assert model.weight is weight
     assert model.weight is weight
+
+
+def test_one_copy_moves_each_dtype_group_in_one_transfer_and_keeps_values_shapes_and_order():
+    """What ``to_cpu`` does with a state on an accelerator, exercised here on CPU tensors."""
+    state = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(7),
+             "conv.bias": torch.randn(4), "mask": torch.rand(5) > 0.5, "bn.running_mean": torch.randn(4),
+             "steps": torch.arange(6).reshape(2, 3)}
+    copied = one_copy(state)
+    assert list(copied) == list(state)
+    for name, tensor in state.items():
+        assert copied[name].dtype == tensor.dtype and copied[name].shape == tensor.shape
+        assert torch.equal(copied[name], tensor) and copied[name].data_ptr() != tensor.data_ptr()
+    storage = lambda name: copied[name].untyped_storage().data_ptr()  # noqa: E731
+    assert storage("conv.weight") == storage("conv.bias") == storage("bn.running_mean")  # one float32 copy
+    assert storage("bn.num_batches_tracked") == storage("steps") != storage("conv.weight")  # one int64 copy
+    assert one_copy({}) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: copies a state from the GPU")
+def test_to_cpu_brings_a_gpu_state_to_the_host_with_its_values():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).cuda()
+    state = model.state_dict()
+    host = to_cpu(state)
+    assert list(host) == list(state)
+    assert all(host[k].device == CPU and torch.equal(host[k], state[k].cpu()) for k in state)
 
 
 # -- the command lines: one error line, exit 2, nothing written -----------------------------------------
