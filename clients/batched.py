@@ -22,9 +22,8 @@ client hooks and mods see one message at a time.
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients.app import note_first_train
@@ -33,7 +32,7 @@ from clients.delta_trainer import TIER_WIDTH, DeltaClientSettings, receive, tier
 from clients.feddst_trainer import (MASK_HAMMING, MASK_VERSION, MASKED, READJUST_ALPHA, bitmap_codec_from,
                                     receive_masked)
 from clients.trainer import TRAINER, ClientEnv, hyper_from
-from fl.compute import all_to_cpu
+from fl.compute import all_to_cpu, resolve_compute
 from fl.delta.slices import template_state
 from fl.message_keys import ARRAYS, CODEC, CONFIG, METRICS, NUM_EXAMPLES, UP_CODEC
 from fl.payload import decode_shared, encode_reply, get_codec
@@ -56,6 +55,21 @@ class ClientBatching:
         return (message.metadata.message_type == MessageType.TRAIN and trainer in BATCHED
                 and (trainer != MASKED or float(message.content[CONFIG].get(READJUST_ALPHA, 0.0)) == 0.0))
 
+    def chunks(self, messages: list[Message], workers: int) -> list[list[Message]]:
+        """The calls that answer ``messages`` (batchable ones) on ``workers`` engine threads:
+        messages that train as one vmap side by side, then cut into runs. On an accelerator a run
+        is up to ``size``: one vmap of K clients is one sequence of kernel launches. On the CPU the
+        runs spread the messages evenly over the threads (still at most ``size``): one call
+        computes on one worker's cores, and a wider vmap is no faster there (grouped convolutions)."""
+        together: dict[tuple, list[Message]] = {}
+        for message in messages:
+            together.setdefault(_group_key(message), []).append(message)
+        ordered = [message for group in together.values() for message in group]
+        per = self.size
+        if resolve_compute(self.spec.compute).type == "cpu":
+            per = max(1, min(self.size, math.ceil(len(ordered) / max(workers, 1))))
+        return [ordered[start:start + per] for start in range(0, len(ordered), per)]
+
     def __call__(self, work: list[tuple[Message, Context]]) -> list[Message]:
         envs = [ClientEnv.for_message(self.spec, msg, context) for msg, context in work]
         replies: list[Message | None] = [None] * len(work)
@@ -67,10 +81,7 @@ class ClientBatching:
 
     def _dense(self, work: list[tuple[Message, Context]], envs: list[ClientEnv], indices: list[int],
                replies: list[Message | None]) -> None:
-        calls = _calls(work, indices, lambda msg, config: (
-            id(msg.content[ARRAYS]), str(config.get(CODEC, "dense_fp32")), str(config.get(UP_CODEC, "dense_fp32")),
-            hyper_from(config)))
-        for (_, down, up, hyper), members in calls.items():
+        for (_, _, down, up, hyper), members in _calls(work, indices).items():
             first = work[members[0]][0]
             with envs[members[0]].model() as model:
                 received = decode_shared(get_codec(down), first.content[ARRAYS], model.state_dict())
@@ -87,10 +98,7 @@ class ClientBatching:
 
     def _delta(self, work: list[tuple[Message, Context]], envs: list[ClientEnv], indices: list[int],
                replies: list[Message | None]) -> None:
-        calls = _calls(work, indices, lambda msg, config: (
-            DeltaClientSettings.from_config(config), str(config.get(CODEC)), str(config.get(UP_CODEC)),
-            hyper_from(config)))
-        for (s, _, _, hyper), members in calls.items():
+        for (_, s, _, _, hyper), members in _calls(work, indices).items():
             full = template_state(s.arch_json)
             config = work[members[0]][0].content[CONFIG]
             receiveds = [receive(work[i][0].content[ARRAYS], work[i][0].content[CONFIG], envs[i], s, full)
@@ -113,10 +121,7 @@ class ClientBatching:
 
     def _masked(self, work: list[tuple[Message, Context]], envs: list[ClientEnv], indices: list[int],
                 replies: list[Message | None]) -> None:
-        calls = _calls(work, indices, lambda msg, config: (
-            id(msg.content[ARRAYS]), int(config[MASK_VERSION]), str(config.get(CODEC)), str(config.get(UP_CODEC)),
-            hyper_from(config)))
-        for (_, version, _, _, hyper), members in calls.items():
+        for (_, _, version, _, _, hyper), members in _calls(work, indices).items():
             first = work[members[0]][0]
             up = bitmap_codec_from(first.content[CONFIG], UP_CODEC)
             with envs[members[0]].model() as model:
@@ -136,15 +141,27 @@ class ClientBatching:
                 replies[i] = _reply(work[i][0], record, m)
 
 
-def _calls(work: list[tuple[Message, Context]], indices: list[int],
-           key_of: Callable[[Message, ConfigRecord], tuple]) -> dict[tuple, list[int]]:
-    """``indices`` grouped into one vectorized call per ``key_of(message, its config)``: what the
-    grouped messages must share (their received record, settings, codecs, hyper-parameters)."""
+def _calls(work: list[tuple[Message, Context]], indices: list[int]) -> dict[tuple, list[int]]:
+    """``indices`` grouped into one vectorized call per ``_group_key``."""
     calls: dict[tuple, list[int]] = {}
     for i in indices:
-        message = work[i][0]
-        calls.setdefault(key_of(message, message.content[CONFIG]), []).append(i)
+        calls.setdefault(_group_key(work[i][0]), []).append(i)
     return calls
+
+
+def _group_key(message: Message) -> tuple:
+    """What messages must share to train as one vmap: the trainer, the received record (DELTA: the
+    tier's settings; FedDST-like: also the mask version), the codecs and the hyper-parameters."""
+    config = message.content[CONFIG]
+    trainer = _trainer(message)
+    if trainer == DELTA:
+        return (DELTA, DeltaClientSettings.from_config(config), str(config.get(CODEC)), str(config.get(UP_CODEC)),
+                hyper_from(config))
+    if trainer == MASKED:
+        return (MASKED, id(message.content[ARRAYS]), int(config[MASK_VERSION]), str(config.get(CODEC)),
+                str(config.get(UP_CODEC)), hyper_from(config))
+    return (DENSE, id(message.content[ARRAYS]), str(config.get(CODEC, "dense_fp32")),
+            str(config.get(UP_CODEC, "dense_fp32")), hyper_from(config))
 
 
 def _reply(message: Message, record: ArrayRecord, metrics: dict[str, float]) -> Message:

@@ -189,7 +189,48 @@ def test_engine_batch_clients_gives_the_sequential_run(tmp_path, monkeypatch):
     _, vec_dir = run_inprocess(tmp_path / "vec", overrides + ["engine.batch_clients=3"])
     _final_models_close(seq_dir, vec_dir)
     _rows_close(read_metrics(seq_dir), read_metrics(vec_dir))
-    assert sorted(calls) == [1, 1, 3, 3]  # 4 clients a round in chunks of at most 3 (on 2 threads), none fell back
+    assert sorted(calls) == [2, 2, 2, 2]  # 4 clients a round spread over the 2 threads (at most 3), none fell back
+
+
+def _train_messages(records: list) -> list:
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fl.message_keys import ARRAYS, CONFIG
+
+    return [Message(RecordDict({ARRAYS: record, CONFIG: ConfigRecord({"lr": 0.1})}), node, MessageType.TRAIN)
+            for node, record in enumerate(records, start=1)]
+
+
+@pytest.mark.parametrize("compute,messages,workers,expected", [
+    ("cpu", 80, 2, [40, 40]), ("cpu", 80, 3, [27, 27, 26]), ("cpu", 4, 2, [2, 2]), ("cpu", 1, 2, [1]),
+    ("cpu", 100, 1, [64, 36]), ("cuda", 80, 2, [64, 16]), ("cuda", 4, 2, [4])])
+def test_vectorized_chunks_fill_the_cpu_threads_and_stay_whole_on_an_accelerator(monkeypatch, compute, messages,
+                                                                                workers, expected):
+    """On the CPU one call computes on one worker's cores: the round's clients are spread over the
+    threads (at most K a call). On an accelerator a call takes up to K: one launch sequence for all."""
+    import clients.batched
+    from flwr.app import ArrayRecord
+
+    from fl.specs import ClientSpec
+
+    monkeypatch.setattr(clients.batched, "resolve_compute", lambda value: torch.device(value))
+    batching = clients.batched.ClientBatching(ClientSpec(data=None, model=None, compute=compute), 64)
+    record = ArrayRecord()
+    chunks = batching.chunks(_train_messages([record] * messages), workers)
+    assert [len(c) for c in chunks] == expected
+
+
+def test_vectorized_chunks_keep_the_messages_of_one_vmap_side_by_side():
+    import clients.batched
+    from flwr.app import ArrayRecord
+
+    from fl.message_keys import ARRAYS
+    from fl.specs import ClientSpec
+
+    a, b = ArrayRecord(), ArrayRecord()  # two received records: two vmap groups
+    messages = _train_messages([a, b, a, b, a, b])
+    chunks = clients.batched.ClientBatching(ClientSpec(data=None, model=None, compute="cpu"), 8).chunks(messages, 2)
+    assert [[m.content[ARRAYS] is a for m in c] for c in chunks] == [[True] * 3, [False] * 3]
 
 
 def test_engine_batch_clients_gives_the_sequential_delta_run(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ loop stayed at 1,219 MiB (docs/engines.md). The grid trims once per
 ``send_and_receive``, when the workers are idle (``release_freed_memory``).
 
 With ``batch`` (``engine.batch_clients=K``), the train messages that ``batch.batchable`` accepts
-are delivered in chunks of at most ``batch.size`` to ``batch`` itself, which answers each with the
+are delivered in the chunks ``batch.chunks`` makes (at most ``batch.size`` each) to ``batch`` itself, which answers each with the
 reply the ClientApp would send (``clients.batched``: dense clients trained as one vmap, by
 ``fl.vectorized``); a chunk that raises is delivered again one message at a time, so a failing
 client still gets its own error reply.
@@ -62,6 +62,8 @@ class ClientBatching(Protocol):
 
     def batchable(self, message: Message) -> bool: ...
 
+    def chunks(self, messages: list[Message], workers: int) -> list[list[Message]]: ...
+
     def __call__(self, work: list[tuple[Message, Context]]) -> list[Message]: ...
 
 
@@ -79,6 +81,7 @@ class InProcessGrid(Grid):
         self._node_ids = range(1, num_nodes + 1)
         self._contexts: dict[int, Context] = {}  # created on a node's first message
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="client")
+        self._workers = workers
         self._pending: dict[str, Future[Message]] = {}
         self._lock = threading.Lock()
         self._batch = batch if batch is not None and batch.size > 1 else None
@@ -117,9 +120,7 @@ class InProcessGrid(Grid):
                     self._pending[message_id] = self._pool.submit(self._deliver, message)
             ids.append(message_id)
         if batched:
-            size = self._batch.size  # type: ignore[union-attr]
-            for start in range(0, len(batched), size):
-                chunk = batched[start:start + size]
+            for chunk in self._batch.chunks(batched, self._workers):  # type: ignore[union-attr]
                 with self._lock:
                     futures = [self._pending[m.metadata.message_id] for m in chunk]
                 self._pool.submit(self._deliver_batch, chunk, futures)
