@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import time
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients.app import note_first_train
 from clients.delta_trainer import NAME as DELTA
