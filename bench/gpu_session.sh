@@ -30,7 +30,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit and say how it e
 
 wanted() { [[ " ${STEPS:-tests vectorized breakdown workers engines paper} " == *" $1 "* ]]; }
 
-wanted tests && step 120 "gpu tests" python -m pytest -m gpu tests/test_compute.py tests/test_resident_data.py \
+wanted tests && step 150 "gpu tests" python -m pytest -m gpu tests/test_compute.py tests/test_resident_data.py tests/test_vectorized.py \
     -p no:cacheprovider -q -rs --junitxml="$OUT/gpu_tests.xml"
 wanted vectorized && step 60 "vectorized" python bench/vectorized.py --sizes 10 80 --rounds 4 --compute cuda \
     --out "$OUT/vectorized_cuda.txt"

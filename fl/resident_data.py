@@ -82,6 +82,17 @@ def _cuda_memory(device: torch.device) -> tuple[int, int]:
 CACHE = ResidentCache()
 
 
+def client_samples(images, indices: np.ndarray, device: torch.device,
+                   cache: ResidentCache = CACHE) -> tuple[Tensor, Tensor]:
+    """The client's whole (images, labels) on ``device``: its resident copy, or, when that does not
+    fit, gathered and copied for this call only."""
+    resident = cache.samples(images, indices, device)
+    if resident is not None:
+        return resident
+    x, y = images.get(indices)
+    return x.to(device), y.to(device)
+
+
 def device_batches(images, indices: np.ndarray, bounds: list[tuple[int, int]], order: Tensor | None,
                    device: torch.device, cache: ResidentCache = CACHE) -> Iterator[tuple[Tensor, Tensor]]:
     """Minibatches ``[start, end)`` of ``bounds`` over the client's samples taken in ``order`` (a

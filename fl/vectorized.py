@@ -15,8 +15,8 @@ What is the same as the sequential trainer, and how:
 
 - minibatches: each client's are ``ClientData.batches``' (the sequential trainer's): its own
   ``torch.Generator`` draws one ``randperm`` per epoch, a last batch smaller than
-  ``smallest_batch`` joins the one before it, and on an accelerator they are indexed from the
-  client's resident samples (``fl.resident_data``), so a step copies nothing from the host;
+  ``smallest_batch`` joins the one before it; on an accelerator the K clients' resident samples
+  (``fl.resident_data``) are stacked once per call, so a step is one gather on the device;
 - metrics: summed on the device (``fl.local_training.RunningMetrics``), read once per call;
 - unequal sample counts: clients are grouped by their step schedule (the list of batch sizes);
   each group is one vmap, a group of one is still exact;
@@ -37,7 +37,7 @@ the real component.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,7 @@ from fl.batchnorm import smallest_batch
 from fl.compute import model_device
 from fl.local_training import (ClientData, RunningMetrics, TrainHyper, batch_bounds, statistics_after,
                                statistics_before)
+from fl.resident_data import client_samples
 
 State = dict[str, Tensor]
 
@@ -158,12 +159,9 @@ def sgd_steps(stacked: State, trainable: Sequence[str], datas: Sequence[ClientDa
     device = next(iter(stacked.values())).device
     momentum: State | None = None
     running = RunningMetrics(k)
+    samples = stacked_samples(datas, device)
     for _ in range(hyper.epochs):
-        # each client's minibatches as train_dense draws them (resident on an accelerator), side by side
-        for batches in zip(*(data.batches(hyper.batch_size, g, min_size, device=device)
-                             for data, g in zip(datas, generators))):
-            x = torch.stack([b[0] for b in batches])
-            y = torch.stack([b[1] for b in batches])
+        for x, y in side_by_side(datas, generators, hyper.batch_size, min_size, device, samples):
             grads, (loss, logits) = step(params, rest, x, y)
             for name, mask in held.items():
                 grads[name].mul_(mask)
@@ -173,6 +171,36 @@ def sgd_steps(stacked: State, trainable: Sequence[str], datas: Sequence[ClientDa
                     params[name].mul_(mask)
             running.add(loss, logits, y)
     return running.means()
+
+
+def stacked_samples(datas: Sequence[ClientData], device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """On an accelerator, the K clients' samples stacked ``(K, n, ...)`` on it once per call (from
+    their resident copies, ``fl.resident_data``), so that each step's K minibatches are one gather;
+    None on the CPU, where each batch is gathered when it is needed (no host memory held)."""
+    if device.type == "cpu":
+        return None
+    pairs = [client_samples(data.images, data.indices, device) for data in datas]
+    return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+
+def side_by_side(datas: Sequence[ClientData], generators: Sequence[torch.Generator], batch_size: int,
+                 min_size: int, device: torch.device,
+                 samples: tuple[Tensor, Tensor] | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of the K clients' minibatches, stacked ``(K, B, ...)`` on ``device``: each client's
+    are ``ClientData.batches``' (one ``randperm`` of its generator per epoch, the same bounds). From
+    ``stacked_samples`` (not None) each step is one gather; else each client's batch is gathered."""
+    if samples is None:
+        for batches in zip(*(data.batches(batch_size, g, min_size, device=device)
+                             for data, g in zip(datas, generators))):
+            yield torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])
+        return
+    x_all, y_all = samples
+    n = x_all.shape[1]
+    order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(x_all.device)
+    rows = torch.arange(len(datas), device=x_all.device).unsqueeze(1)
+    for start, end in batch_bounds(n, batch_size, min_size):
+        pick = order[:, start:end]
+        yield x_all[rows, pick], y_all[rows, pick]
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fl.local_training import ClientData, TrainHyper, train_dense
-from fl.vectorized import groups, train_dense_vectorized, unsupported_reason
+from fl.vectorized import groups, side_by_side, train_dense_vectorized, unsupported_reason
 
 
 class _Images:
@@ -127,6 +127,40 @@ def test_vectorized_under_a_mask_equals_the_sequential_masked_trainer(make):
     assert all(int(state[name][~mask].count_nonzero()) == 0 for state in states for name, mask in masks.items())
     dense, _ = train_dense_vectorized(copy.deepcopy(make()), received, clients, hyper, _generators(len(clients)))
     assert any(int(dense[0][name][~mask].count_nonzero()) > 0 for name, mask in masks.items())  # the mask mattered
+
+
+@pytest.mark.parametrize("min_size", [1, 16])
+def test_one_gather_per_step_gives_each_clients_own_minibatches(min_size):
+    """The accelerator's path (the K clients' samples stacked once, one gather a step), here on CPU
+    tensors, yields each client's ``ClientData.batches``: same order, same bounds, same values."""
+    datas = _clients((40, 40, 40))
+    pairs = [data.images.get(data.indices) for data in datas]
+    samples = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+    cpu = torch.device("cpu")
+    gathered = list(side_by_side(datas, _generators(3), 16, min_size, cpu, samples))
+    per_client = [list(data.batches(16, g, min_size)) for data, g in zip(datas, _generators(3))]
+    assert len(gathered) == len(per_client[0]) == (3 if min_size == 1 else 2)
+    for step, (x, y) in enumerate(gathered):
+        for i in range(len(datas)):
+            assert torch.equal(x[i], per_client[i][step][0]) and torch.equal(y[i], per_client[i][step][1])
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the CPU's per-client path: the same
+               for a, b in zip(gathered, side_by_side(datas, _generators(3), 16, min_size, cpu, None)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: trains vectorized clients on it")
+def test_vectorized_clients_on_a_gpu_track_the_cpu():
+    hyper = TrainHyper(epochs=2, batch_size=16, lr=0.05, momentum=0.9)
+    model = _cnn()
+    received = {k: v.clone() for k, v in model.state_dict().items()}
+    clients = _clients((40, 40, 40, 33))
+    on_cpu = train_dense_vectorized(copy.deepcopy(model), received, clients, hyper, _generators(4))
+    on_gpu = train_dense_vectorized(copy.deepcopy(model).cuda(), received, clients, hyper, _generators(4))
+    for (cpu_state, cpu_metrics), (gpu_state, gpu_metrics) in zip(zip(*on_cpu), zip(*on_gpu)):
+        for name, expected in cpu_state.items():
+            scale = max(float(expected.abs().max()), 1.0)
+            assert float((gpu_state[name].cpu() - expected).abs().max()) / scale <= 1e-3, name  # TF32, cuDNN
+        assert gpu_metrics["train_loss"] == pytest.approx(cpu_metrics["train_loss"], rel=1e-3)
 
 
 def test_clients_are_grouped_by_step_schedule():
