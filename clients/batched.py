@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients.app import note_first_train
 from clients.delta_trainer import NAME as DELTA
@@ -41,7 +42,6 @@ from fl.specs import ClientSpec
 from fl.vectorized import groups, train_dense_vectorized
 
 DENSE = "dense"
-BATCHED = (DENSE, DELTA, MASKED)  # the trainers this handler trains as one vmap
 
 
 class ClientBatching:
@@ -53,7 +53,7 @@ class ClientBatching:
 
     def batchable(self, message: Message) -> bool:
         trainer = _trainer(message)
-        return (message.metadata.message_type == MessageType.TRAIN and trainer in BATCHED
+        return (message.metadata.message_type == MessageType.TRAIN and trainer in _SHARED
                 and (trainer != MASKED or float(message.content[CONFIG].get(READJUST_ALPHA, 0.0)) == 0.0))
 
     def chunks(self, messages: list[Message], workers: int) -> list[list[Message]]:
@@ -151,18 +151,19 @@ def _calls(work: list[tuple[Message, Context]], indices: list[int]) -> dict[tupl
 
 
 def _group_key(message: Message) -> tuple:
-    """What messages must share to train as one vmap: the trainer, the received record (DELTA: the
-    tier's settings; FedDST-like: also the mask version), the codecs and the hyper-parameters."""
-    config = message.content[CONFIG]
+    """What messages must share to train as one vmap: the trainer, then ``_SHARED``'s fields."""
     trainer = _trainer(message)
-    if trainer == DELTA:
-        return (DELTA, DeltaClientSettings.from_config(config), str(config.get(CODEC)), str(config.get(UP_CODEC)),
-                hyper_from(config))
-    if trainer == MASKED:
-        return (MASKED, id(message.content[ARRAYS]), int(config[MASK_VERSION]), str(config.get(CODEC)),
-                str(config.get(UP_CODEC)), hyper_from(config))
-    return (DENSE, id(message.content[ARRAYS]), str(config.get(CODEC, "dense_fp32")),
-            str(config.get(UP_CODEC, "dense_fp32")), hyper_from(config))
+    return (trainer, *_SHARED[trainer](message, message.content[CONFIG]))
+
+
+_SHARED: dict[str, Callable[[Message, ConfigRecord], tuple]] = {  # the batched trainers: what their vmap shares
+    DENSE: lambda msg, config: (id(msg.content[ARRAYS]), str(config.get(CODEC, "dense_fp32")),
+                                str(config.get(UP_CODEC, "dense_fp32")), hyper_from(config)),
+    DELTA: lambda msg, config: (DeltaClientSettings.from_config(config), str(config.get(CODEC)),
+                                str(config.get(UP_CODEC)), hyper_from(config)),
+    MASKED: lambda msg, config: (id(msg.content[ARRAYS]), int(config[MASK_VERSION]), str(config.get(CODEC)),
+                                 str(config.get(UP_CODEC)), hyper_from(config)),
+}
 
 
 def _reply(message: Message, record: ArrayRecord, metrics: dict[str, float]) -> Message:

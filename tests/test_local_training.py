@@ -21,8 +21,8 @@ def _host_loop(batches, mean: bool) -> tuple[float, float]:
 @pytest.mark.parametrize("mean", [True, False])
 def test_one_client_equals_the_host_loop_bit_for_bit(mean):
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.rand((), generator=g) * 3, torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g))
-               for n in (32, 32, 17, 32, 5)]
+    batches = [(torch.rand((), generator=g) * 3, torch.randn(n, 10, generator=g),
+                torch.randint(0, 10, (n,), generator=g)) for n in (32, 32, 17, 32, 5)]
     running = RunningMetrics()
     for loss, logits, y in batches:
         running.add(loss, logits, y, mean=mean)
@@ -33,8 +33,8 @@ def test_one_client_equals_the_host_loop_bit_for_bit(mean):
 def test_k_clients_at_once_equal_each_clients_host_loop():
     g = torch.Generator().manual_seed(1)
     k, sizes = 4, (16, 16, 9)
-    stacked = [(torch.rand(k, generator=g), torch.randn(k, n, 10, generator=g), torch.randint(0, 10, (k, n), generator=g))
-               for n in sizes]
+    stacked = [(torch.rand(k, generator=g), torch.randn(k, n, 10, generator=g),
+                torch.randint(0, 10, (k, n), generator=g)) for n in sizes]
     running = RunningMetrics(k)
     for loss, logits, y in stacked:
         running.add(loss, logits, y)
