@@ -23,10 +23,11 @@ How the choice is made and used:
   (``fl.local_training.ClientData.batches``), so a model left on the CPU (an int8-quantized one,
   which has no CUDA kernels) still works.
 - The payload never leaves the CPU: a client moves its state to the CPU before it encodes its
-  reply (``to_cpu``, one copy per dtype), every codec decodes into CPU tensors from NumPy, and received weights are
-  copied onto the device by ``load_state_dict``. The bytes sent and counted are therefore the same
-  on every device; on the CPU every call here is the identity (``Tensor.to``/``Module.to`` to the
-  device a tensor is on returns it as it is), so a CPU run is bit-identical to one without the key.
+  reply (``to_cpu``, one copy per dtype), every codec decodes into CPU tensors from NumPy, and
+  received weights are copied onto the device by ``load_state_dict``. The bytes sent and counted
+  are therefore the same on every device; on the CPU every call here is the identity
+  (``Tensor.to``/``Module.to`` to the device a tensor is on returns it as it is), so a CPU run is
+  bit-identical to one without the key.
 - Where a client runs decides its device: a simulated client resolves the run's value in the
   process that trains it (a Ray worker on a GPU node resolves ``auto`` to its GPU even when the
   driver has none); a deployed SuperNode takes ``--node-config compute=...`` over the run's value,
